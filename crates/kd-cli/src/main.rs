@@ -1,0 +1,52 @@
+//! `kd`: knowledge distillation of Qwen decoder models, from the command line.
+//!
+//! Each subcommand lives in its own module; this file parses flags, installs logging and
+//! prints the error chain once.
+
+mod data_cmd;
+mod device;
+mod distill;
+mod preset;
+
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+/// Knowledge distillation of Qwen decoder language models on burn.
+#[derive(Debug, Parser)]
+#[command(name = "kd", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Train a teacher, distil a student from it and a baseline without it, evaluate all three.
+    Distill(distill::DistillArgs),
+    /// Look at a review file before using it.
+    #[command(subcommand)]
+    Data(data_cmd::DataCommand),
+}
+
+fn main() -> std::process::ExitCode {
+    // Logs go to stderr; `RUST_LOG` overrides the default level.
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Distill(args) => distill::run(args),
+        Command::Data(cmd) => data_cmd::run(cmd),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

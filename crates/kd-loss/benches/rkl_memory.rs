@@ -1,0 +1,111 @@
+//! Time and peak memory of reverse KL (forward + backward) over `[positions, vocab]` logits:
+//! the crate's chunked `kd_loss` against a plain autodiff version that materialises every
+//! intermediate at full size.
+//!
+//!     cargo bench -p kd-loss --bench rkl_memory -- [positions] [vocab] [chunk_positions]
+//!
+//! (defaults 1024 151936 256). Each variant runs in its own child process (this executable,
+//! re-run with `--child <mode>`), and the child reports the kernel's peak resident set
+//! (`VmHWM` in `/proc/self/status`), so one variant's freed-but-cached memory cannot inflate
+//! another's. `inputs` only builds the two logit tensors, marks the student as requiring a
+//! gradient and reads them back; subtracting its peak gives what each loss adds on top of its
+//! inputs. Linux only.
+#![allow(clippy::print_stdout)] // a benchmark's report is its stdout
+
+use std::process::Command;
+use std::time::Instant;
+
+use burn::tensor::activation::log_softmax;
+use burn::tensor::{Device, Distribution, Tensor};
+use kd_loss::{Divergence, KdConfig, Reduction, kd_loss};
+
+const MODES: [&str; 3] = ["inputs", "full", "chunked"];
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
+    if args.first().map(String::as_str) == Some("--child") {
+        child(&args[1..]);
+        return;
+    }
+    let positions = arg(&args, 0, 1024);
+    let vocab = arg(&args, 1, 151_936);
+    let chunk = arg(&args, 2, 256);
+    let buffer_mb = (positions * vocab * 4) as f64 / 1e6;
+    let exe = std::env::current_exe().expect("own path");
+    println!("RKL forward + backward, {positions} x {vocab} f32 ({buffer_mb:.0} MB per buffer), chunk {chunk}");
+    println!();
+    println!("| variant | time (s) | peak RSS (MB) | above inputs (MB) | above inputs (buffers) |");
+    println!("| --- | ---: | ---: | ---: | ---: |");
+    let mut base = None;
+    for mode in MODES {
+        let out = Command::new(&exe)
+            .args(["--child", mode, &positions.to_string(), &vocab.to_string(), &chunk.to_string()])
+            .output()
+            .expect("child runs");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let Some(line) = text.lines().find(|l| l.starts_with("RESULT")) else {
+            println!("| {mode} | failed: {} | | | |", out.status);
+            continue;
+        };
+        let f: Vec<f64> = line.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+        let (secs, peak_mb) = (f[0], f[1] / 1e3);
+        let above = peak_mb - *base.get_or_insert(peak_mb);
+        println!(
+            "| {mode} | {secs:.2} | {peak_mb:.0} | {above:.0} | {:.1} |",
+            above / buffer_mb
+        );
+    }
+}
+
+fn arg(args: &[String], i: usize, default: usize) -> usize {
+    args.get(i).and_then(|a| a.parse().ok()).unwrap_or(default)
+}
+
+fn child(args: &[String]) {
+    let mode = args[0].as_str();
+    let (positions, vocab, chunk) = (arg(args, 1, 1024), arg(args, 2, 151_936), arg(args, 3, 256));
+    let device = Device::flex().autodiff();
+    let dist = Distribution::Normal(0.0, 3.0);
+    let student = Tensor::<2>::random([positions, vocab], dist, &device).require_grad();
+    let teacher = Tensor::<2>::random([positions, vocab], dist, &device.clone().inner()).autodiff();
+    // Materialise the inputs before timing.
+    let _ = student.clone().sum().into_scalar::<f32>() + teacher.clone().sum().into_scalar::<f32>();
+
+    let start = Instant::now();
+    let grad_sum = match mode {
+        "inputs" => 0.0,
+        "full" => {
+            // The straightforward version: every [positions, vocab] intermediate is kept by
+            // autodiff for the backward pass.
+            let ls = log_softmax(student.clone(), 1);
+            let lt = log_softmax(teacher.inner(), 1).autodiff();
+            let loss = (ls.clone().exp() * (ls - lt)).sum().div_scalar(positions as f64);
+            let grads = loss.backward();
+            student.grad(&grads).expect("grad").sum().into_scalar::<f32>()
+        }
+        _ => {
+            let cfg = KdConfig {
+                divergence: Divergence::ReverseKl,
+                temperature: 1.0,
+                t_squared: false,
+                reduction: Reduction::TokenMean,
+                chunk_positions: chunk,
+            };
+            let loss = kd_loss(student.clone(), teacher, None, &cfg).expect("valid");
+            let grads = loss.backward();
+            student.grad(&grads).expect("grad").sum().into_scalar::<f32>()
+        }
+    };
+    let secs = start.elapsed().as_secs_f64();
+    println!("RESULT {secs} {} {grad_sum}", peak_kb());
+}
+
+/// Peak resident set of this process in kB (`VmHWM`).
+fn peak_kb() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(f64::NAN)
+}

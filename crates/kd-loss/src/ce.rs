@@ -1,0 +1,84 @@
+//! Masked token cross-entropy, chunked like the distillation losses.
+
+use burn::tensor::activation::log_softmax;
+use burn::tensor::{Int, Tensor};
+
+use crate::config::{DEFAULT_CHUNK_POSITIONS, LossError, Reduction, validate_reduction};
+use crate::core::{ChunkOut, position_weights, run_chunked};
+use crate::dense::check_len;
+
+/// Target id that marks a position as ignored (PyTorch's and Hugging Face's convention).
+pub const IGNORE_INDEX: i64 = -100;
+
+/// Token cross-entropy `−log softmax(logits)[target]` over positions whose target is not
+/// [`IGNORE_INDEX`], computed in f32 in chunks of [`DEFAULT_CHUNK_POSITIONS`].
+///
+/// # Shapes
+///
+/// - logits: `[positions, vocab]`
+/// - targets: `[positions]`, ids in `0..vocab` or `-100`
+/// - output: `[1]`
+///
+/// # Panics
+///
+/// If [`try_cross_entropy`] would return an error: [`Reduction::PerSequenceMean`] (use
+/// [`cross_entropy_3d`](crate::cross_entropy_3d)), `Items(n)` with `n <= 0`, or a target
+/// length that differs from the number of positions.
+pub fn cross_entropy(logits: Tensor<2>, targets: Tensor<1, Int>, reduction: &Reduction) -> Tensor<1> {
+    match try_cross_entropy(logits, targets, reduction, DEFAULT_CHUNK_POSITIONS) {
+        Ok(loss) => loss,
+        Err(err) => panic!("cross_entropy: {err}"),
+    }
+}
+
+/// [`cross_entropy`] that reports bad input as an error and takes the chunk size.
+pub fn try_cross_entropy(
+    logits: Tensor<2>,
+    targets: Tensor<1, Int>,
+    reduction: &Reduction,
+    chunk_positions: usize,
+) -> Result<Tensor<1>, LossError> {
+    validate_reduction(reduction)?;
+    let weights = ce_weights(&logits, &targets, reduction, None)?;
+    cross_entropy_weighted(logits, targets, weights, chunk_positions)
+}
+
+pub(crate) fn ce_weights(
+    logits: &Tensor<2>,
+    targets: &Tensor<1, Int>,
+    reduction: &Reduction,
+    seq_len: Option<usize>,
+) -> Result<Tensor<1>, LossError> {
+    let [positions, _] = logits.dims();
+    check_len("targets", targets.dims()[0], positions)?;
+    let keep = targets.clone().inner().not_equal_elem(IGNORE_INDEX);
+    position_weights(keep, reduction, seq_len)
+}
+
+/// Cross-entropy `Σ_i weights[i] · (−log p_i[target_i])`; weight 0 masks a position.
+pub(crate) fn cross_entropy_weighted(
+    logits: Tensor<2>,
+    targets: Tensor<1, Int>,
+    weights: Tensor<1>,
+    chunk_positions: usize,
+) -> Result<Tensor<1>, LossError> {
+    if chunk_positions == 0 {
+        return Err(LossError::ChunkPositions);
+    }
+    let [_, vocab] = logits.dims();
+    let targets = targets.inner();
+    let ignored = targets.clone().equal_elem(IGNORE_INDEX);
+    let targets = targets.mask_fill(ignored, 0);
+    let device = targets.device();
+    // [1, vocab]
+    let ids = Tensor::<1, Int>::arange(0..vocab as i64, &device).unsqueeze_dim::<2>(0);
+    Ok(run_chunked(logits, weights, chunk_positions, 1.0, 1.0, |rows, start, len| {
+        let ls = log_softmax(rows, 1);
+        // [len, 1]
+        let target = targets.clone().narrow(0, start, len).unsqueeze_dim::<2>(1);
+        let value = ls.clone().gather(1, target.clone()).neg().squeeze_dim(1);
+        let one_hot = ids.clone().expand([len, vocab]).equal(target.expand([len, vocab]));
+        let grad = ls.exp() - one_hot.float();
+        ChunkOut { value, grad }
+    }))
+}

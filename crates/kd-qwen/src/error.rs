@@ -1,0 +1,32 @@
+//! The crate's error type.
+
+/// Everything that can go wrong reading, checking or writing a model.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A `config.json` that cannot be used.
+    #[error("{file}: {}{msg}", field.as_ref().map(|f| format!("field `{f}`: ")).unwrap_or_default())]
+    Config {
+        /// The file (or other origin) the configuration came from.
+        file: String,
+        /// The offending field, when one can be named.
+        field: Option<String>,
+        /// What is wrong.
+        msg: String,
+    },
+    /// An I/O failure on a named file.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// A checkpoint file that could not be read or written.
+    #[error("{path}: {msg}")]
+    Checkpoint {
+        /// The file.
+        path: String,
+        /// What went wrong.
+        msg: String,
+    },
+}
