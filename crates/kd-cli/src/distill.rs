@@ -354,7 +354,8 @@ fn train_phase(
                 bar.set_position(m.step as u64);
                 bar.set_message(format!("loss {:.4} · {:.0} tok/s", m.loss, m.tokens_per_s));
                 let line = serde_json::json!({ "phase": name, "metrics": m });
-                if let Err(e) = writeln!(metrics, "{line}") {
+                // One flushed line per step: a crash loses nothing already reported.
+                if let Err(e) = writeln!(metrics, "{line}").and_then(|()| metrics.flush()) {
                     write_err.get_or_insert(e);
                 }
             },

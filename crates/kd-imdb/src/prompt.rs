@@ -181,10 +181,24 @@ impl PromptBuilder {
                 message: e.to_string(),
             })?;
         let review = encoding.get_ids();
-        // FIXME: truncation keeps the review's beginning; reviews often end with their verdict,
-        // so keeping a head and a tail (with an ellipsis token between) may classify better.
+        // A long review keeps its first quarter-budget of tokens and its last three quarters:
+        // reviews tend to end on their verdict, and head+tail truncation is what classifies
+        // best for BERT on IMDB (Sun et al., 2019, "How to Fine-Tune BERT for Text
+        // Classification", head 128 + tail 382).
         let truncated = review.len() > self.review_budget;
-        let review = &review[..review.len().min(self.review_budget)];
+        let kept: Vec<u32>;
+        let review = if truncated {
+            let head = self.review_budget / 4;
+            let tail = self.review_budget - head;
+            kept = review[..head]
+                .iter()
+                .chain(&review[review.len() - tail..])
+                .copied()
+                .collect();
+            kept.as_slice()
+        } else {
+            review
+        };
 
         let answer = label.map_or(&[][..], |l| self.answers[l.index()].as_slice());
         let mut input_ids =
@@ -353,6 +367,21 @@ mod tests {
             );
         }
         assert!(PromptBuilder::new(TOKENIZER, 20).is_err());
+    }
+
+    #[test]
+    fn truncation_keeps_head_and_tail() {
+        let b = builder(64);
+        let text = format!(
+            "Opening words. {}Final verdict: superb",
+            "filler ".repeat(200)
+        );
+        let ex = b.encode(&text, None).expect("encode");
+        assert!(ex.truncated);
+        let review = &ex.input_ids[b.prefix.len()..ex.answer_pos - b.suffix.len()];
+        let decoded = b.decode(review).expect("decode");
+        assert!(decoded.starts_with(" Opening"), "{decoded}");
+        assert!(decoded.ends_with("Final verdict: superb"), "{decoded}");
     }
 
     #[test]

@@ -13,7 +13,9 @@ mod trainer;
 
 pub use batch::{StepBatch, supervised_positions};
 pub use schedule::WarmupCosine;
-pub use trainer::{Objective, StepMetrics, TrainConfig, TrainSummary, inference_copy, train};
+pub use trainer::{
+    LossParts, Objective, StepMetrics, TrainConfig, TrainSummary, inference_copy, step_loss, train,
+};
 
 /// What can stop a training run.
 #[derive(Debug, thiserror::Error)]

@@ -147,27 +147,13 @@ pub fn train(
         }
         let batch = StepBatch::new(&collate(&picked, pad_id, PadSide::Right), &device);
 
-        // 2. Student logits at the supervised positions only, and the CE term.
-        let options = ForwardOptions::default();
-        let logits = model.forward_at(batch.input_ids.clone(), batch.positions.clone(), &options);
-        let ce = cross_entropy(logits.clone(), batch.targets.clone(), &Reduction::TokenMean);
-
-        // 3. The KD term: the teacher runs on its own device without a graph; its logits
-        //    enter the student's graph as constants.
-        let (loss, kd) = match objective {
-            Objective::Labels => (ce.clone(), None),
-            Objective::Distill { teacher, kd, alpha } => {
-                let teacher_device = teacher_device.as_ref().unwrap_or(&device);
-                let tb = batch.to_device(teacher_device);
-                let teacher_logits = teacher
-                    .forward_at(tb.input_ids, tb.positions, &options)
-                    .to_device(&device)
-                    .autodiff();
-                let kd_term = kd_loss(logits, teacher_logits, None, kd)?;
-                let loss = kd_term.clone().mul_scalar(*alpha) + ce.clone().mul_scalar(1.0 - alpha);
-                (loss, Some(kd_term))
-            }
-        };
+        // 2. Loss on the supervised positions (teacher included when distilling).
+        let parts = step_loss(&model, &batch, objective, teacher_device.as_ref())?;
+        let LossParts {
+            total: loss,
+            ce,
+            kd,
+        } = parts;
 
         // 4. Backward and update.
         let lr = schedule.lr(step);
@@ -220,6 +206,58 @@ pub fn train(
     Ok((model, summary))
 }
 
+/// The loss of one batch, split into its parts (each a one-element tensor).
+#[derive(Debug, Clone)]
+pub struct LossParts {
+    /// What is minimised.
+    pub total: Tensor<1>,
+    /// Cross-entropy on the supervised tokens (token mean).
+    pub ce: Tensor<1>,
+    /// The KD term, already including T² when that is on.
+    pub kd: Option<Tensor<1>>,
+}
+
+/// Computes the training loss of `model` on `batch`.
+///
+/// The student's LM head runs only at the supervised positions. When distilling, the teacher
+/// runs on `teacher_device` (its own, without autodiff) over the same ids and positions, and
+/// its logits join the student's graph as constants: `alpha * KD + (1 - alpha) * CE`.
+pub fn step_loss(
+    model: &Qwen,
+    batch: &StepBatch,
+    objective: &Objective<'_>,
+    teacher_device: Option<&Device>,
+) -> Result<LossParts, Error> {
+    let options = ForwardOptions::default();
+    let logits = model.forward_at(batch.input_ids.clone(), batch.positions.clone(), &options);
+    let ce = cross_entropy(logits.clone(), batch.targets.clone(), &Reduction::TokenMean);
+    match objective {
+        Objective::Labels => Ok(LossParts {
+            total: ce.clone(),
+            ce,
+            kd: None,
+        }),
+        Objective::Distill { teacher, kd, alpha } => {
+            let student_device = logits.device();
+            let teacher_batch = match teacher_device {
+                Some(device) => batch.to_device(device),
+                None => batch.clone(),
+            };
+            let teacher_logits = teacher
+                .forward_at(teacher_batch.input_ids, teacher_batch.positions, &options)
+                .to_device(&student_device)
+                .autodiff();
+            let kd_term = kd_loss(logits, teacher_logits, None, kd)?;
+            let total = kd_term.clone().mul_scalar(*alpha) + ce.clone().mul_scalar(1.0 - alpha);
+            Ok(LossParts {
+                total,
+                ce,
+                kd: Some(kd_term),
+            })
+        }
+    }
+}
+
 fn scalar(t: &Tensor<1>) -> f64 {
     f64::from(t.clone().into_scalar::<f32>())
 }
@@ -227,4 +265,121 @@ fn scalar(t: &Tensor<1>) -> f64 {
 /// The inference copy of a trained model (no autodiff graph).
 pub fn inference_copy(model: &Qwen) -> Qwen {
     model.valid()
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::tensor::Device;
+    use kd_imdb::{Batch, IGNORE_INDEX, PadSide};
+    use kd_loss::{Divergence, KdConfig, Reduction};
+    use kd_qwen::{Qwen, QwenConfig};
+
+    use super::*;
+
+    fn tiny(vocab: usize, seed: u64, device: &Device) -> Qwen {
+        let mut config = QwenConfig::qwen3_shaped(32, 64, 1, 4, 2, 8);
+        config.vocab_size = vocab;
+        // Large enough weights that the two models' distributions clearly differ.
+        config.initializer_range = 0.5;
+        device.seed(seed);
+        Qwen::new(&config, device)
+    }
+
+    fn batch() -> Batch {
+        // Two rows; row 1 is one token shorter and right-padded with 0.
+        let ignore = IGNORE_INDEX;
+        Batch {
+            input_ids: vec![5, 6, 7, 8, 9, 11, 12, 13, 14, 0],
+            labels: vec![ignore, ignore, ignore, 8, 9, ignore, ignore, 13, 14, ignore],
+            batch: 2,
+            seq_len: 5,
+            lengths: vec![5, 4],
+            answer_pos: vec![3, 2],
+            pad_side: PadSide::Right,
+        }
+    }
+
+    fn rkl() -> KdConfig {
+        KdConfig {
+            divergence: Divergence::ReverseKl,
+            temperature: 2.0,
+            t_squared: true,
+            reduction: Reduction::TokenMean,
+            chunk_positions: 1024,
+        }
+    }
+
+    #[test]
+    fn kd_term_is_nonzero_with_a_gradient_for_equal_vocabularies() {
+        // The Python original computed KL only when the vocabularies differed; here both are
+        // 40 wide and the term must still be there.
+        let plain = Device::flex();
+        let train = plain.clone().autodiff();
+        let teacher = tiny(40, 1, &plain);
+        let student = tiny(40, 2, &train);
+        let step = StepBatch::new(&batch(), &train);
+        let objective = Objective::Distill {
+            teacher: &teacher,
+            kd: rkl(),
+            alpha: 0.5,
+        };
+        let parts = step_loss(&student, &step, &objective, Some(&plain)).expect("loss");
+        let kd = parts.kd.expect("distillation has a KD term");
+        let kd_value = f64::from(kd.clone().into_scalar::<f32>());
+        assert!(kd_value > 1e-3, "KD term is {kd_value}");
+
+        // Its gradient reaches the student's weights.
+        let grads = kd.backward();
+        let grad = student
+            .model
+            .embed_tokens
+            .weight
+            .grad(&grads)
+            .expect("embedding gradient");
+        let norm = f64::from(grad.abs().sum().into_scalar::<f32>());
+        assert!(norm > 1e-6, "gradient norm {norm}");
+    }
+
+    #[test]
+    fn kd_term_is_zero_when_student_is_the_teacher() {
+        let plain = Device::flex();
+        let train = plain.clone().autodiff();
+        let teacher = tiny(40, 3, &plain);
+        let student = teacher.clone().to_device(&train);
+        let step = StepBatch::new(&batch(), &train);
+        let objective = Objective::Distill {
+            teacher: &teacher,
+            kd: rkl(),
+            alpha: 0.5,
+        };
+        let parts = step_loss(&student, &step, &objective, Some(&plain)).expect("loss");
+        let kd_value = f64::from(parts.kd.expect("KD term").into_scalar::<f32>());
+        // Same weights: the divergence is zero up to f32 rounding of two identical forward
+        // passes (bitwise equal on one backend; the tolerance leaves room for a backend that
+        // fuses differently with autodiff on).
+        const ZERO_TOL: f64 = 1e-6;
+        assert!(kd_value.abs() < ZERO_TOL, "KD term is {kd_value}");
+    }
+
+    #[test]
+    fn wider_teacher_vocabulary_is_sliced_to_the_student() {
+        // Qwen2.5-style padding rows: a teacher 8 rows wider than the student still gives a
+        // finite, positive KD term.
+        let plain = Device::flex();
+        let train = plain.clone().autodiff();
+        let teacher = tiny(48, 1, &plain);
+        let student = tiny(40, 2, &train);
+        let step = StepBatch::new(&batch(), &train);
+        let objective = Objective::Distill {
+            teacher: &teacher,
+            kd: rkl(),
+            alpha: 0.5,
+        };
+        let parts = step_loss(&student, &step, &objective, Some(&plain)).expect("loss");
+        let kd_value = f64::from(parts.kd.expect("KD term").into_scalar::<f32>());
+        assert!(
+            kd_value.is_finite() && kd_value > 0.0,
+            "KD term is {kd_value}"
+        );
+    }
 }
