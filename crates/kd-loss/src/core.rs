@@ -97,6 +97,8 @@ pub(crate) fn run_chunked(
     match grad {
         Some(grad) => {
             let student = upcast(student);
+            // FIXME: this sanitised copy and the product cost two [positions, vocab] buffers; a
+            // custom autodiff op returning G directly would save both (docs/bench-kd-loss.md).
             // Entries where G is 0 may be ±inf (vocabulary padding, masked rows): zero them so
             // the surrogate product stays finite.
             let bad = student.clone().is_finite().bool_not().bool_or(drop_rows);
