@@ -6,6 +6,7 @@
 mod data_cmd;
 mod device;
 mod distill;
+mod model_cmd;
 mod preset;
 
 use clap::{Parser, Subcommand};
@@ -26,6 +27,12 @@ enum Command {
     /// Look at a review file before using it.
     #[command(subcommand)]
     Data(data_cmd::DataCommand),
+    /// Print a checkpoint folder's architecture, parameter count and dtypes.
+    Inspect(model_cmd::InspectArgs),
+    /// Write the logits of every position of one or more token sequences.
+    Logits(model_cmd::LogitsArgs),
+    /// Write a checkpoint as a Hugging Face folder (config, safetensors, tokenizer).
+    Export(model_cmd::ExportArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -41,6 +48,9 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Distill(args) => distill::run(args),
         Command::Data(cmd) => data_cmd::run(cmd),
+        Command::Inspect(args) => model_cmd::inspect(args),
+        Command::Logits(args) => model_cmd::logits(args),
+        Command::Export(args) => model_cmd::export(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -70,14 +70,29 @@ pub(crate) fn run_chunked(
     let keep = weights.clone().not_equal_elem(0.0);
 
     // 1. Masked rows may hold -inf or garbage: replace them by zeros before any arithmetic.
+    //    (Asking whether any row is masked costs a sync on a [positions] tensor; skipping the
+    //    fill saves a full [positions, vocab] pass in the common all-kept case.)
     let student_in = upcast(student.clone().inner());
-    let drop_rows = keep.clone().bool_not().unsqueeze_dim::<2>(1).expand([positions, vocab]);
-    let student_in = student_in.mask_fill(drop_rows.clone(), 0.0);
+    let any_dropped = keep.clone().bool_not().any().into_scalar::<bool>();
+    let drop_rows = any_dropped
+        .then(|| keep.clone().bool_not().unsqueeze_dim::<2>(1).expand([positions, vocab]));
+    let student_in = match &drop_rows {
+        Some(drop) => student_in.mask_fill(drop.clone(), 0.0),
+        None => student_in,
+    };
 
     // 2. One chunk of positions at a time.
     let inner_device = student_in.device();
     let mut value = Tensor::<1>::zeros([1], &inner_device);
-    let mut grad = tracked.then(|| Tensor::<2>::zeros([positions, vocab], &inner_device));
+    let single = chunk_positions >= positions;
+    let mut grad = tracked.then(|| {
+        if single {
+            // Placeholder, replaced by the only chunk's gradient.
+            Tensor::<2>::zeros([1, 1], &inner_device)
+        } else {
+            Tensor::<2>::zeros([positions, vocab], &inner_device)
+        }
+    });
     let mut start = 0;
     while start < positions {
         let len = chunk_positions.min(positions - start);
@@ -87,7 +102,8 @@ pub(crate) fn run_chunked(
         value = value + (out.value * w.clone()).sum();
         if let Some(g) = grad.take() {
             let gw = out.grad * w.unsqueeze_dim::<2>(1).mul_scalar(grad_scale);
-            grad = Some(g.slice_assign([start..start + len, 0..vocab], gw));
+            // One chunk covering everything needs no assembly buffer.
+            grad = Some(if len == positions { gw } else { g.slice_assign([start..start + len, 0..vocab], gw) });
         }
         start += len;
     }
@@ -101,8 +117,15 @@ pub(crate) fn run_chunked(
             // custom autodiff op returning G directly would save both (docs/bench-kd-loss.md).
             // Entries where G is 0 may be ±inf (vocabulary padding, masked rows): zero them so
             // the surrogate product stays finite.
-            let bad = student.clone().is_finite().bool_not().bool_or(drop_rows);
-            let student = student.mask_fill(bad, 0.0);
+            let mut bad = student.clone().is_finite().bool_not();
+            if let Some(drop) = drop_rows {
+                bad = bad.bool_or(drop);
+            }
+            let student = if bad.clone().any().into_scalar::<bool>() {
+                student.mask_fill(bad, 0.0)
+            } else {
+                student
+            };
             let surrogate = (student * grad.autodiff()).sum();
             surrogate.clone() - surrogate.detach() + value.autodiff()
         }

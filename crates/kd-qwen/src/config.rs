@@ -58,9 +58,22 @@ pub struct QwenConfig {
     /// Sliding-window attention; not implemented, so it must be off.
     #[serde(default)]
     pub use_sliding_window: bool,
-    /// RoPE scaling (YaRN, linear, ...); not implemented, so it must be absent or null.
+    /// RoPE scaling (YaRN, linear, ...); not implemented, so it must be absent, null or of
+    /// type `default`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_scaling: Option<serde_json::Value>,
+    /// transformers ≥ 5 writes `{"rope_type": "default", "rope_theta": ..}` here instead of
+    /// `rope_theta` / `rope_scaling`; [`QwenConfig::from_json`] folds it into `rope_theta`.
+    /// Never written back: exported configs use the older top-level fields, which every
+    /// transformers version reads.
+    #[serde(default, skip_serializing)]
+    pub rope_parameters: Option<serde_json::Value>,
+    /// Per-layer attention kind (transformers ≥ 4.53); only `full_attention` is implemented.
+    #[serde(default, skip_serializing)]
+    pub layer_types: Option<Vec<String>>,
+    /// Padding id, kept for export.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pad_token_id: Option<u32>,
     /// Beginning-of-sequence id, kept for export.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bos_token_id: Option<u32>,
@@ -70,6 +83,23 @@ pub struct QwenConfig {
     /// Initialiser standard deviation for training from scratch (Hugging Face's name).
     #[serde(default = "default_init_range")]
     pub initializer_range: f64,
+}
+
+/// Accepts a RoPE description only when it is plain RoPE (`rope_type` or legacy `type` equal
+/// to `default`); every scaled variant (YaRN, linear, dynamic, llama3) is refused.
+fn check_rope_type(value: &serde_json::Value, field: &str, origin: &str) -> Result<(), Error> {
+    let kind = value
+        .get("rope_type")
+        .or_else(|| value.get("type"))
+        .and_then(|v| v.as_str());
+    if kind == Some("default") {
+        return Ok(());
+    }
+    Err(Error::Config {
+        file: origin.to_string(),
+        field: Some(field.to_string()),
+        msg: format!("RoPE scaling {value} is not supported (only rope_type `default`)"),
+    })
 }
 
 fn default_eps() -> f64 {
@@ -117,11 +147,24 @@ impl QwenConfig {
                 });
             }
         }
-        let config: Self = serde_json::from_value(raw).map_err(|e| Error::Config {
+        let mut config: Self = serde_json::from_value(raw).map_err(|e| Error::Config {
             file: origin.to_string(),
             field: None,
             msg: e.to_string(),
         })?;
+        if let Some(params) = config.rope_parameters.clone()
+            && !params.is_null()
+        {
+            check_rope_type(&params, "rope_parameters", origin)?;
+            config.rope_theta = params
+                .get("rope_theta")
+                .and_then(|v| v.as_f64())
+                .ok_or_else(|| Error::Config {
+                    file: origin.to_string(),
+                    field: Some("rope_parameters.rope_theta".into()),
+                    msg: format!("missing or not a number in {params}"),
+                })?;
+        }
         config.validate(origin)?;
         Ok(config)
     }
@@ -142,9 +185,14 @@ impl QwenConfig {
         if let Some(scaling) = &self.rope_scaling
             && !scaling.is_null()
         {
+            check_rope_type(scaling, "rope_scaling", origin)?;
+        }
+        if let Some(kinds) = &self.layer_types
+            && let Some(other) = kinds.iter().find(|k| *k != "full_attention")
+        {
             return Err(bad(
-                "rope_scaling",
-                format!("RoPE scaling {scaling} is not supported"),
+                "layer_types",
+                format!("`{other}` layers are not supported (only full_attention)"),
             ));
         }
         if self.hidden_act != "silu" {
@@ -247,6 +295,9 @@ impl QwenConfig {
             hidden_act: "silu".into(),
             use_sliding_window: false,
             rope_scaling: None,
+            rope_parameters: None,
+            layer_types: None,
+            pad_token_id: None,
             bos_token_id: Some(151_643),
             eos_token_id: Some(151_645),
             initializer_range: 0.02,

@@ -29,4 +29,14 @@ pub enum Error {
         /// What went wrong.
         msg: String,
     },
+    /// A tensor of a checkpoint that is missing, misshapen, of an unexpected dtype or cut short.
+    #[error("{path}: tensor `{tensor}`: {msg}")]
+    Tensor {
+        /// The file holding (or expected to hold) the tensor.
+        path: String,
+        /// The tensor's Hugging Face name.
+        tensor: String,
+        /// What is wrong, with the expected and found shape or dtype.
+        msg: String,
+    },
 }

@@ -20,11 +20,13 @@
 mod cache;
 mod config;
 mod error;
+mod generate;
 mod io;
 mod model;
 
 pub use cache::KvCache;
 pub use config::{ModelType, QwenConfig};
 pub use error::Error;
-pub use io::{load_checkpoint, save_checkpoint};
+pub use generate::{Padding, greedy, pad_batch};
+pub use io::{Checkpoint, StoreDtype, TensorEntry, export_hf, load_checkpoint, save_checkpoint};
 pub use model::{Attention, DecoderLayer, ForwardOptions, Mlp, Qwen, QwenBody, RmsNorm, Rope};

@@ -74,11 +74,11 @@ pub struct Attention {
     /// Per-head norm of the keys (Qwen3).
     pub k_norm: Option<RmsNorm>,
     #[module(skip)]
-    heads: usize,
+    pub(crate) heads: usize,
     #[module(skip)]
-    kv_heads: usize,
+    pub(crate) kv_heads: usize,
     #[module(skip)]
-    head_dim: usize,
+    pub(crate) head_dim: usize,
 }
 
 /// Rotary tables for one call: `cos` and `sin`, each `[batch, 1, seq, head_dim]`.
@@ -312,7 +312,7 @@ pub struct Qwen {
     /// Output projection `[hidden] → [vocab]`; `None` when tied to the embedding.
     pub lm_head: Option<Linear>,
     #[module(skip)]
-    config: QwenConfig,
+    pub(crate) config: QwenConfig,
 }
 
 /// What one forward call needs besides the token ids.
@@ -493,8 +493,9 @@ fn build_mask(
 ) -> Tensor<4, Bool> {
     let device = attention_mask.device();
     let [batch, total] = attention_mask.dims();
-    // Query i (absolute index past + i) may see key j iff j <= past + i.
-    let future = Tensor::<2, Bool>::triu_mask([seq, total], past as i64 + 1, &device); // [seq, total]
+    // Query i (absolute index past + i) may see key j iff j <= past + i. burn's `tril_mask`
+    // is true *outside* the lower triangle, i.e. exactly at the forbidden j > past + i.
+    let future = Tensor::<2, Bool>::tril_mask([seq, total], past as i64, &device); // [seq, total]
     let padded = attention_mask.equal_elem(0); // [batch, total]
     let future = future.unsqueeze::<3>().expand([batch, seq, total]);
     let padded = padded.unsqueeze_dim::<3>(1).expand([batch, seq, total]);

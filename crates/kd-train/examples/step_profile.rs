@@ -11,6 +11,9 @@ use burn::tensor::{Device, Distribution, Int, Tensor};
 use kd_loss::{Reduction, cross_entropy};
 use kd_qwen::{ForwardOptions, Qwen, QwenConfig};
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     let args: Vec<usize> = std::env::args()
         .skip(1)
@@ -21,6 +24,23 @@ fn main() {
     let config = QwenConfig::qwen3_shaped(hidden, hidden * 3, layers, 4, 2, hidden / 4);
     let mut model = Qwen::new(&config, &device);
     let mut optim = AdamWConfig::new().init();
+    let plain = Device::flex();
+    let x = Tensor::<2>::random([2 * batch, 151936], Distribution::Default, &plain);
+    for _ in 0..3 {
+        let t = Instant::now();
+        let _ = x.clone().exp().sum().into_scalar::<f32>();
+        let exp = t.elapsed();
+        let t = Instant::now();
+        let _ = burn::tensor::activation::log_softmax(x.clone(), 1).sum().into_scalar::<f32>();
+        let lsm = t.elapsed();
+        let t = Instant::now();
+        let _ = burn::tensor::activation::softmax(x.clone(), 1).sum().into_scalar::<f32>();
+        let sm = t.elapsed();
+        let t = Instant::now();
+        let _ = (x.clone() * x.clone()).sum().into_scalar::<f32>();
+        let mul = t.elapsed();
+        println!("exp {exp:?} log_softmax {lsm:?} softmax {sm:?} mul {mul:?}");
+    }
     for step in 0..4 {
         let ids =
             Tensor::<2, Int>::random([batch, seq], Distribution::Uniform(0.0, 150000.0), &device);
