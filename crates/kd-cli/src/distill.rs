@@ -11,7 +11,7 @@ use kd_imdb::assets::{Asset, AssetOptions, resolve};
 use kd_imdb::prompt::PromptBuilder;
 use kd_imdb::{Example, Review, ValSize, balanced_sample, read_aclimdb_archive, stratified_split};
 use kd_infer::{EvalReport, evaluate};
-use kd_qwen::{Qwen, save_checkpoint};
+use kd_qwen::{Qwen, load_checkpoint, save_checkpoint};
 use kd_train::{Objective, StepMetrics, TrainSummary, inference_copy, train};
 use serde::Serialize;
 use tracing::info;
@@ -47,6 +47,11 @@ pub struct DistillArgs {
     /// Never download: use only the local mirror (`KD_MIRROR`) and the cache.
     #[arg(long)]
     pub offline: bool,
+    /// Use this checkpoint folder (Hugging Face layout, e.g. a fine-tuned Qwen3-4B or the
+    /// `checkpoints/teacher` of an earlier run) as the teacher instead of training one. It
+    /// must share the student's tokenizer.
+    #[arg(long, value_name = "DIR")]
+    pub teacher: Option<PathBuf>,
 }
 
 fn parse_steps(s: &str) -> Result<(usize, usize), String> {
@@ -83,7 +88,8 @@ struct Report {
 
 #[derive(Debug, Serialize)]
 struct ModelReport {
-    train: TrainSummary,
+    /// `None` for a teacher loaded with `--teacher`.
+    train: Option<TrainSummary>,
     val: EvalReport,
     test: EvalReport,
 }
@@ -172,23 +178,25 @@ pub fn run(args: DistillArgs) -> Result<()> {
         Ok((val, test))
     };
 
-    // 3. Teacher: cross-entropy on the labels, from scratch.
+    // 3. Teacher: loaded, or trained from scratch with cross-entropy on the labels.
     let t = Instant::now();
-    let teacher_cfg = preset.teacher.qwen_config();
-    train_device.seed(preset.teacher.train.seed);
-    let teacher = Qwen::new(&teacher_cfg, &train_device);
-    let (teacher, teacher_summary) = train_phase(
-        "teacher",
-        teacher,
-        &train_examples,
-        pad_id,
-        &preset.teacher.train,
-        &Objective::Labels,
-        &mut metrics,
-    )?;
-    let teacher = inference_copy(&teacher);
-    save_checkpoint(&teacher, &out.join("checkpoints/teacher"))?;
-    phases.push(("teacher_train".into(), t.elapsed().as_secs_f64()));
+    let (teacher, teacher_summary) = match &args.teacher {
+        Some(dir) => {
+            let teacher = load_checkpoint(dir, &device)?;
+            info!(teacher = %dir.display(), params = teacher.config().num_params(), "teacher loaded");
+            (teacher, None)
+        }
+        None => {
+            train_device.seed(preset.teacher.train.seed);
+            let teacher = Qwen::new(&preset.teacher.qwen_config(), &train_device);
+            let (teacher, summary) = train_phase("teacher", teacher, &train_examples, pad_id, &preset.teacher.train, &Objective::Labels, &mut metrics)?;
+            let teacher = inference_copy(&teacher);
+            save_checkpoint(&teacher, &out.join("checkpoints/teacher"))?;
+            (teacher, Some(summary))
+        }
+    };
+    let teacher_cfg = teacher.config().clone();
+    phases.push(("teacher".into(), t.elapsed().as_secs_f64()));
     let t = Instant::now();
     let (teacher_val, teacher_test) = evaluate_both(&teacher, "teacher")?;
     phases.push(("teacher_eval".into(), t.elapsed().as_secs_f64()));
@@ -237,7 +245,7 @@ pub fn run(args: DistillArgs) -> Result<()> {
         phases.push((format!("{name}_eval"), t.elapsed().as_secs_f64()));
         students.push((
             ModelReport {
-                train: summary,
+                train: Some(summary),
                 val,
                 test,
             },
@@ -413,14 +421,15 @@ fn write_report(out: &Path, report: &Report) -> Result<()> {
     let json = serde_json::to_string_pretty(report)?;
     std::fs::write(out.join("report.json"), json).context("writing report.json")?;
     let row = |name: &str, m: &ModelReport| {
+        let train = |f: fn(&TrainSummary) -> String| m.train.as_ref().map_or("loaded".into(), f);
         format!(
-            "| {name} | {:.2}% | {:.2}% | {:.4} | {:.0} | {:.0} | {:.1} |\n",
+            "| {name} | {:.2}% | {:.2}% | {} | {} | {:.0} | {} |\n",
             100.0 * m.test.accuracy,
             100.0 * m.val.accuracy,
-            m.train.final_loss,
-            m.train.tokens_per_s,
+            train(|t| format!("{:.4}", t.final_loss)),
+            train(|t| format!("{:.0}", t.tokens_per_s)),
             m.test.tokens_per_s,
-            m.train.seconds,
+            train(|t| format!("{:.1}", t.seconds)),
         )
     };
     let mut md = format!(
