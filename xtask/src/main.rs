@@ -66,8 +66,18 @@ fn kd(args: &[String]) -> Result<()> {
     cargo(&full)
 }
 
+/// Every benchmark: a name and the cargo command that runs it. They build in the dev profile
+/// (dependencies optimised, see the workspace `Cargo.toml`) so that burn is compiled once.
+const BENCHES: &[(&str, &[&str])] = &[
+    (
+        "kd-loss/rkl-memory",
+        &["bench", "--profile", "dev", "-p", "kd-loss", "--bench", "rkl_memory"],
+    ),
+    ("kd-qwen/load", &["bench", "--profile", "dev", "-p", "kd-qwen", "--bench", "load"]),
+];
+
 fn bench(filter: Option<&str>) -> Result<()> {
-    let benches: &[(&str, &[&str])] = &[];
+    let benches = BENCHES;
     let mut ran = 0;
     for (name, args) in benches {
         if filter.is_some_and(|f| !name.contains(f)) {

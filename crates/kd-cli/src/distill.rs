@@ -28,6 +28,9 @@ pub struct DistillArgs {
     /// Override `data.train_size`.
     #[arg(long)]
     pub train_size: Option<usize>,
+    /// Override `data.student_train_size`.
+    #[arg(long)]
+    pub student_train_size: Option<usize>,
     /// Override `data.test_size`.
     #[arg(long)]
     pub test_size: Option<usize>,
@@ -68,6 +71,7 @@ struct Report {
     preset: String,
     device: DeviceChoice,
     train_examples: usize,
+    student_train_examples: usize,
     val_examples: usize,
     test_examples: usize,
     truncated_train_fraction: f64,
@@ -203,6 +207,8 @@ pub fn run(args: DistillArgs) -> Result<()> {
 
     // 4. Students: same shape, seed, data and steps; one distilled, one on labels alone.
     let student_cfg = preset.student.qwen_config();
+    let student_examples = &train_examples
+        [..d.student_train_size.unwrap_or(train_examples.len()).min(train_examples.len())];
     let kd = preset.distill.kd_config()?;
     let mut students = Vec::new();
     for (name, objective) in [
@@ -222,7 +228,7 @@ pub fn run(args: DistillArgs) -> Result<()> {
         let (student, summary) = train_phase(
             name,
             student,
-            &train_examples,
+            student_examples,
             pad_id,
             &preset.student.train,
             &objective,
@@ -270,6 +276,7 @@ pub fn run(args: DistillArgs) -> Result<()> {
         preset: preset.name.clone(),
         device: args.device,
         train_examples: train_examples.len(),
+        student_train_examples: student_examples.len(),
         val_examples: val_prompts.len(),
         test_examples: test_prompts.len(),
         truncated_train_fraction: truncated as f64 / train_examples.len().max(1) as f64,
@@ -306,6 +313,9 @@ pub fn run(args: DistillArgs) -> Result<()> {
 fn apply_overrides(preset: &mut Preset, args: &DistillArgs) {
     if let Some(n) = args.train_size {
         preset.data.train_size = n;
+    }
+    if let Some(n) = args.student_train_size {
+        preset.data.student_train_size = Some(n);
     }
     if let Some(n) = args.test_size {
         preset.data.test_size = n;
@@ -433,12 +443,13 @@ fn write_report(out: &Path, report: &Report) -> Result<()> {
         )
     };
     let mut md = format!(
-        "# kd distill — preset `{}`\n\n{} training reviews, {} validation, {} test (aclImdb test split, balanced).\n\
+        "# kd distill — preset `{}`\n\n{} training reviews ({} seen by the students), {} validation, {} test (aclImdb test split, balanced).\n\
          Teacher {} parameters, students {} parameters each.\n\n\
          | model | test acc | val acc | final train loss | train tok/s | eval tok/s | train s |\n\
          |---|---|---|---|---|---|---|\n",
         report.preset,
         report.train_examples,
+        report.student_train_examples,
         report.val_examples,
         report.test_examples,
         report.teacher_params,

@@ -38,6 +38,13 @@ pub struct Preset {
 pub struct DataSection {
     /// Training reviews drawn (balanced) from the aclImdb train split.
     pub train_size: usize,
+    /// How many of the training reviews the students see (the first ones of the shuffled
+    /// training set); the teacher sees all of them. `None`: the students see them all too.
+    /// A student distilled on less data than its teacher is the usual case (a teacher
+    /// fine-tuned on everything, a transfer set for the student), and where soft targets
+    /// help most (Hinton et al., 2015, §3: 3% of the data with soft targets).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub student_train_size: Option<usize>,
     /// Validation reviews held out of the same split (stratified).
     pub val_size: usize,
     /// Test reviews drawn (balanced) from the aclImdb test split only.
