@@ -71,9 +71,33 @@ fn kd(args: &[String]) -> Result<()> {
 const BENCHES: &[(&str, &[&str])] = &[
     (
         "kd-loss/rkl-memory",
-        &["bench", "--profile", "dev", "-p", "kd-loss", "--bench", "rkl_memory"],
+        &[
+            "bench",
+            "--profile",
+            "dev",
+            "-p",
+            "kd-loss",
+            "--bench",
+            "rkl_memory",
+        ],
     ),
-    ("kd-qwen/load", &["bench", "--profile", "dev", "-p", "kd-qwen", "--bench", "load"]),
+    (
+        "kd-qwen/load",
+        &[
+            "bench",
+            "--profile",
+            "dev",
+            "-p",
+            "kd-qwen",
+            "--bench",
+            "load",
+        ],
+    ),
+    // Picks the newest runs/tiny-* (run `cargo xtask distill` first).
+    (
+        "kd-infer/quant",
+        &["run", "-p", "kd-infer", "--example", "bench_quant"],
+    ),
 ];
 
 fn bench(filter: Option<&str>) -> Result<()> {

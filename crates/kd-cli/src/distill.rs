@@ -193,7 +193,15 @@ pub fn run(args: DistillArgs) -> Result<()> {
         None => {
             train_device.seed(preset.teacher.train.seed);
             let teacher = Qwen::new(&preset.teacher.qwen_config(), &train_device);
-            let (teacher, summary) = train_phase("teacher", teacher, &train_examples, pad_id, &preset.teacher.train, &Objective::Labels, &mut metrics)?;
+            let (teacher, summary) = train_phase(
+                "teacher",
+                teacher,
+                &train_examples,
+                pad_id,
+                &preset.teacher.train,
+                &Objective::Labels,
+                &mut metrics,
+            )?;
             let teacher = inference_copy(&teacher);
             save_checkpoint(&teacher, &out.join("checkpoints/teacher"))?;
             (teacher, Some(summary))
@@ -207,8 +215,10 @@ pub fn run(args: DistillArgs) -> Result<()> {
 
     // 4. Students: same shape, seed, data and steps; one distilled, one on labels alone.
     let student_cfg = preset.student.qwen_config();
-    let student_examples = &train_examples
-        [..d.student_train_size.unwrap_or(train_examples.len()).min(train_examples.len())];
+    let student_examples = &train_examples[..d
+        .student_train_size
+        .unwrap_or(train_examples.len())
+        .min(train_examples.len())];
     let kd = preset.distill.kd_config()?;
     let mut students = Vec::new();
     for (name, objective) in [

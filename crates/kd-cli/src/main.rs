@@ -6,15 +6,17 @@
 mod data_cmd;
 mod device;
 mod distill;
+mod eval_cmd;
 mod model_cmd;
 mod preset;
+mod rationales_cmd;
 
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
 /// Knowledge distillation of Qwen decoder language models on burn.
 #[derive(Debug, Parser)]
-#[command(name = "kd", version, about, long_about = None)]
+#[command(name = "kd", version)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -33,6 +35,14 @@ enum Command {
     Logits(model_cmd::LogitsArgs),
     /// Write a checkpoint as a Hugging Face folder (config, safetensors, tokenizer).
     Export(model_cmd::ExportArgs),
+    /// Have a model explain each review's label inside <think> tags; stream them to CSV.
+    Rationales(rationales_cmd::RationalesArgs),
+    /// Evaluate a checkpoint (full precision or quantized) on labelled reviews.
+    Eval(eval_cmd::EvalArgs),
+    /// Classify reviews given as arguments or one per line on stdin.
+    Predict(eval_cmd::PredictArgs),
+    /// Write a weight-only int8/int4 copy of a checkpoint (dequantized on load).
+    Quantize(eval_cmd::QuantizeArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -51,6 +61,10 @@ fn main() -> std::process::ExitCode {
         Command::Inspect(args) => model_cmd::inspect(args),
         Command::Logits(args) => model_cmd::logits(args),
         Command::Export(args) => model_cmd::export(args),
+        Command::Rationales(args) => rationales_cmd::run(args),
+        Command::Eval(args) => eval_cmd::eval(args),
+        Command::Predict(args) => eval_cmd::predict(args),
+        Command::Quantize(args) => eval_cmd::quantize(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

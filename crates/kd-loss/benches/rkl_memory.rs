@@ -22,7 +22,10 @@ use kd_loss::{Divergence, KdConfig, Reduction, kd_loss};
 const MODES: [&str; 3] = ["inputs", "full", "chunked"];
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
     if args.first().map(String::as_str) == Some("--child") {
         child(&args[1..]);
         return;
@@ -32,14 +35,22 @@ fn main() {
     let chunk = arg(&args, 2, 256);
     let buffer_mb = (positions * vocab * 4) as f64 / 1e6;
     let exe = std::env::current_exe().expect("own path");
-    println!("RKL forward + backward, {positions} x {vocab} f32 ({buffer_mb:.0} MB per buffer), chunk {chunk}");
+    println!(
+        "RKL forward + backward, {positions} x {vocab} f32 ({buffer_mb:.0} MB per buffer), chunk {chunk}"
+    );
     println!();
     println!("| variant | time (s) | peak RSS (MB) | above inputs (MB) | above inputs (buffers) |");
     println!("| --- | ---: | ---: | ---: | ---: |");
     let mut base = None;
     for mode in MODES {
         let out = Command::new(&exe)
-            .args(["--child", mode, &positions.to_string(), &vocab.to_string(), &chunk.to_string()])
+            .args([
+                "--child",
+                mode,
+                &positions.to_string(),
+                &vocab.to_string(),
+                &chunk.to_string(),
+            ])
             .output()
             .expect("child runs");
         let text = String::from_utf8_lossy(&out.stdout);
@@ -47,7 +58,11 @@ fn main() {
             println!("| {mode} | failed: {} | | | |", out.status);
             continue;
         };
-        let f: Vec<f64> = line.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+        let f: Vec<f64> = line
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|x| x.parse().ok())
+            .collect();
         let (secs, peak_mb) = (f[0], f[1] / 1e3);
         let above = peak_mb - *base.get_or_insert(peak_mb);
         println!(
@@ -79,9 +94,15 @@ fn child(args: &[String]) {
             // autodiff for the backward pass.
             let ls = log_softmax(student.clone(), 1);
             let lt = log_softmax(teacher.inner(), 1).autodiff();
-            let loss = (ls.clone().exp() * (ls - lt)).sum().div_scalar(positions as f64);
+            let loss = (ls.clone().exp() * (ls - lt))
+                .sum()
+                .div_scalar(positions as f64);
             let grads = loss.backward();
-            student.grad(&grads).expect("grad").sum().into_scalar::<f32>()
+            student
+                .grad(&grads)
+                .expect("grad")
+                .sum()
+                .into_scalar::<f32>()
         }
         _ => {
             let cfg = KdConfig {
@@ -93,7 +114,11 @@ fn child(args: &[String]) {
             };
             let loss = kd_loss(student.clone(), teacher, None, &cfg).expect("valid");
             let grads = loss.backward();
-            student.grad(&grads).expect("grad").sum().into_scalar::<f32>()
+            student
+                .grad(&grads)
+                .expect("grad")
+                .sum()
+                .into_scalar::<f32>()
         }
     };
     let secs = start.elapsed().as_secs_f64();

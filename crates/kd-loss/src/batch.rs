@@ -18,9 +18,16 @@ use crate::dense::kd_loss_weighted;
 /// # Panics
 ///
 /// If `seq < 1` or the batch/sequence dims disagree.
-pub fn shift_for_next_token(logits: Tensor<3>, labels: Tensor<2, Int>) -> (Tensor<3>, Tensor<2, Int>) {
+pub fn shift_for_next_token(
+    logits: Tensor<3>,
+    labels: Tensor<2, Int>,
+) -> (Tensor<3>, Tensor<2, Int>) {
     let [batch, seq, _] = logits.dims();
-    assert_eq!(labels.dims(), [batch, seq], "labels must be [batch, seq] like the logits");
+    assert_eq!(
+        labels.dims(),
+        [batch, seq],
+        "labels must be [batch, seq] like the logits"
+    );
     assert!(seq >= 1, "cannot shift an empty sequence");
     (shift_logits(logits), labels.narrow(1, 1, seq - 1))
 }

@@ -24,7 +24,11 @@ pub const IGNORE_INDEX: i64 = -100;
 /// If [`try_cross_entropy`] would return an error: [`Reduction::PerSequenceMean`] (use
 /// [`cross_entropy_3d`](crate::cross_entropy_3d)), `Items(n)` with `n <= 0`, or a target
 /// length that differs from the number of positions.
-pub fn cross_entropy(logits: Tensor<2>, targets: Tensor<1, Int>, reduction: &Reduction) -> Tensor<1> {
+pub fn cross_entropy(
+    logits: Tensor<2>,
+    targets: Tensor<1, Int>,
+    reduction: &Reduction,
+) -> Tensor<1> {
     match try_cross_entropy(logits, targets, reduction, DEFAULT_CHUNK_POSITIONS) {
         Ok(loss) => loss,
         Err(err) => panic!("cross_entropy: {err}"),
@@ -68,15 +72,24 @@ pub(crate) fn cross_entropy_weighted(
     let targets = targets.inner();
     let ignored = targets.clone().equal_elem(IGNORE_INDEX);
     let targets = targets.mask_fill(ignored, 0);
-    Ok(run_chunked(logits, weights, chunk_positions, 1.0, 1.0, |rows, start, len| {
-        let ls = log_softmax(rows, 1);
-        // [len, 1]
-        let target = targets.clone().narrow(0, start, len).unsqueeze_dim::<2>(1);
-        let value = ls.clone().gather(1, target.clone()).neg().squeeze_dim(1);
-        // softmax − one_hot(target), the −1 scattered in place rather than built as a
-        // [len, vocab] one-hot (one full pass instead of three).
-        let minus_one = Tensor::<2>::full([len, 1], -1.0, &target.device());
-        let grad = ls.exp().scatter(1, target, minus_one, IndexingUpdateOp::Add);
-        ChunkOut { value, grad }
-    }))
+    Ok(run_chunked(
+        logits,
+        weights,
+        chunk_positions,
+        1.0,
+        1.0,
+        |rows, start, len| {
+            let ls = log_softmax(rows, 1);
+            // [len, 1]
+            let target = targets.clone().narrow(0, start, len).unsqueeze_dim::<2>(1);
+            let value = ls.clone().gather(1, target.clone()).neg().squeeze_dim(1);
+            // softmax − one_hot(target), the −1 scattered in place rather than built as a
+            // [len, vocab] one-hot (one full pass instead of three).
+            let minus_one = Tensor::<2>::full([len, 1], -1.0, &target.device());
+            let grad = ls
+                .exp()
+                .scatter(1, target, minus_one, IndexingUpdateOp::Add);
+            ChunkOut { value, grad }
+        },
+    ))
 }

@@ -43,7 +43,12 @@ pub(crate) fn position_weights(
             let keep = keep.reshape([batch, seq_len]);
             // [batch, 1]
             let counts = keep.clone().sum_dim(1);
-            let sequences = counts.clone().greater_elem(0.0).float().sum().clamp_min(1.0);
+            let sequences = counts
+                .clone()
+                .greater_elem(0.0)
+                .float()
+                .sum()
+                .clamp_min(1.0);
             let per_seq = keep / counts.clamp_min(1.0);
             Ok(per_seq.reshape([positions]) / sequences)
         }
@@ -74,8 +79,12 @@ pub(crate) fn run_chunked(
     //    fill saves a full [positions, vocab] pass in the common all-kept case.)
     let student_in = upcast(student.clone().inner());
     let any_dropped = keep.clone().bool_not().any().into_scalar::<bool>();
-    let drop_rows = any_dropped
-        .then(|| keep.clone().bool_not().unsqueeze_dim::<2>(1).expand([positions, vocab]));
+    let drop_rows = any_dropped.then(|| {
+        keep.clone()
+            .bool_not()
+            .unsqueeze_dim::<2>(1)
+            .expand([positions, vocab])
+    });
     let student_in = match &drop_rows {
         Some(drop) => student_in.mask_fill(drop.clone(), 0.0),
         None => student_in,
@@ -103,7 +112,11 @@ pub(crate) fn run_chunked(
         if let Some(g) = grad.take() {
             let gw = out.grad * w.unsqueeze_dim::<2>(1).mul_scalar(grad_scale);
             // One chunk covering everything needs no assembly buffer.
-            grad = Some(if len == positions { gw } else { g.slice_assign([start..start + len, 0..vocab], gw) });
+            grad = Some(if len == positions {
+                gw
+            } else {
+                g.slice_assign([start..start + len, 0..vocab], gw)
+            });
         }
         start += len;
     }

@@ -62,7 +62,10 @@ pub fn kd_loss_weighted(
         });
     }
     if teacher_vocab < vocab {
-        return Err(LossError::TeacherNarrower { teacher: teacher_vocab, student: vocab });
+        return Err(LossError::TeacherNarrower {
+            teacher: teacher_vocab,
+            student: vocab,
+        });
     }
     check_len("weights", weights.dims()[0], positions)?;
     let weights = upcast(weights.inner());
@@ -73,17 +76,28 @@ pub fn kd_loss_weighted(
     if teacher_vocab > vocab {
         teacher = teacher.narrow(1, 0, vocab);
     }
-    let drop_rows = weights.clone().equal_elem(0.0).unsqueeze_dim::<2>(1).expand([positions, vocab]);
+    let drop_rows = weights
+        .clone()
+        .equal_elem(0.0)
+        .unsqueeze_dim::<2>(1)
+        .expand([positions, vocab]);
     let teacher = teacher.mask_fill(drop_rows, 0.0);
 
     let t = cfg.temperature;
     let factor = if cfg.t_squared { t * t } else { 1.0 };
     let divergence = cfg.divergence;
-    Ok(run_chunked(student, weights, cfg.chunk_positions, factor, factor / t, |rows, start, len| {
-        let ls = log_softmax(rows.div_scalar(t), 1);
-        let lt = log_softmax(teacher.clone().narrow(0, start, len).div_scalar(t), 1);
-        divergence_chunk(ls, lt, divergence)
-    }))
+    Ok(run_chunked(
+        student,
+        weights,
+        cfg.chunk_positions,
+        factor,
+        factor / t,
+        |rows, start, len| {
+            let ls = log_softmax(rows.div_scalar(t), 1);
+            let lt = log_softmax(teacher.clone().narrow(0, start, len).div_scalar(t), 1);
+            divergence_chunk(ls, lt, divergence)
+        },
+    ))
 }
 
 /// One chunk of a divergence from student and teacher log-probabilities `[chunk, vocab]`.
@@ -123,7 +137,10 @@ pub(crate) fn divergence_chunk(ls: Tensor<2>, lt: Tensor<2>, divergence: Diverge
     };
     let h_sum = h.clone().sum_dim(1);
     let grad = h - p * h_sum;
-    ChunkOut { value: value.squeeze_dim(1), grad }
+    ChunkOut {
+        value: value.squeeze_dim(1),
+        grad,
+    }
 }
 
 /// The keep mask on the inner device: the given one, or all `true`.
@@ -137,10 +154,21 @@ pub(crate) fn keep_mask(
             check_len("mask", mask.dims()[0], positions)?;
             Ok(mask.inner())
         }
-        None => Ok(Tensor::<1, Bool>::ones([positions], &like.clone().inner().device())),
+        None => Ok(Tensor::<1, Bool>::ones(
+            [positions],
+            &like.clone().inner().device(),
+        )),
     }
 }
 
 pub(crate) fn check_len(what: &'static str, got: usize, expected: usize) -> Result<(), LossError> {
-    if got == expected { Ok(()) } else { Err(LossError::MaskLength { what, got, expected }) }
+    if got == expected {
+        Ok(())
+    } else {
+        Err(LossError::MaskLength {
+            what,
+            got,
+            expected,
+        })
+    }
 }

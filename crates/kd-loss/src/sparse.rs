@@ -62,7 +62,9 @@ pub fn sparse_kd_loss(
     }
     check_len("sparse teacher", id_positions, positions)?;
     if k == 0 || k > vocab {
-        return Err(LossError::Sparse(format!("k = {k} must lie in 1..={vocab}")));
+        return Err(LossError::Sparse(format!(
+            "k = {k} must lie in 1..={vocab}"
+        )));
     }
     let keep = keep_mask(mask, positions, &student)?;
     let weights = position_weights(keep.clone(), &cfg.reduction, None)?;
@@ -79,44 +81,61 @@ pub fn sparse_kd_loss(
     let t = cfg.temperature;
     let factor = if cfg.t_squared { t * t } else { 1.0 };
     let divergence = cfg.divergence;
-    Ok(run_chunked(student, weights, cfg.chunk_positions, factor, factor / t, |rows, start, len| {
-        let ids = ids.clone().narrow(0, start, len);
-        let lt_top = log_probs.clone().narrow(0, start, len);
-        let ls = log_softmax(rows.div_scalar(t), 1);
+    Ok(run_chunked(
+        student,
+        weights,
+        cfg.chunk_positions,
+        factor,
+        factor / t,
+        |rows, start, len| {
+            let ids = ids.clone().narrow(0, start, len);
+            let lt_top = log_probs.clone().narrow(0, start, len);
+            let ls = log_softmax(rows.div_scalar(t), 1);
 
-        // 1. Which vocabulary entries are cached ([len, vocab]).
-        let device = ls.device();
-        let is_top = Tensor::<2>::zeros([len, vocab], &device)
-            .scatter(1, ids.clone(), Tensor::ones([len, k], &device), IndexingUpdateOp::Assign)
-            .greater_elem(0.5);
+            // 1. Which vocabulary entries are cached ([len, vocab]).
+            let device = ls.device();
+            let is_top = Tensor::<2>::zeros([len, vocab], &device)
+                .scatter(
+                    1,
+                    ids.clone(),
+                    Tensor::ones([len, k], &device),
+                    IndexingUpdateOp::Assign,
+                )
+                .greater_elem(0.5);
 
-        // 2. Coarsened log-probabilities [len, k + 1]: the cached ids, then the tail bucket.
-        let ls_top = ls.clone().gather(1, ids.clone());
-        let ls_tail = log_sum_exp_rows(ls.clone().mask_fill(is_top.clone(), f64::NEG_INFINITY));
-        let lt_tail = lt_top.clone().exp().sum_dim(1).clamp_max(1.0).neg().log1p();
-        let coarse_s = Tensor::cat(vec![ls_top, ls_tail.clone()], 1);
-        let coarse_t = Tensor::cat(vec![lt_top, lt_tail], 1);
-        let out = divergence_chunk(coarse_s, coarse_t, divergence);
+            // 2. Coarsened log-probabilities [len, k + 1]: the cached ids, then the tail bucket.
+            let ls_top = ls.clone().gather(1, ids.clone());
+            let ls_tail = log_sum_exp_rows(ls.clone().mask_fill(is_top.clone(), f64::NEG_INFINITY));
+            let lt_tail = lt_top.clone().exp().sum_dim(1).clamp_max(1.0).neg().log1p();
+            let coarse_s = Tensor::cat(vec![ls_top, ls_tail.clone()], 1);
+            let coarse_t = Tensor::cat(vec![lt_top, lt_tail], 1);
+            let out = divergence_chunk(coarse_s, coarse_t, divergence);
 
-        // 3. Back to the full vocabulary: a cached id gets its coarse gradient, a tail id its
-        //    share p_j / P_tail of the tail bucket's gradient.
-        let gamma_top = out.grad.clone().narrow(1, 0, k);
-        let gamma_tail = out.grad.narrow(1, k, 1);
-        let share = (ls.clone() - ls_tail).exp();
-        let dead = is_top.bool_or(ls.equal_elem(f64::NEG_INFINITY));
-        let grad = (share * gamma_tail).mask_fill(dead, 0.0).scatter(
-            1,
-            ids,
-            gamma_top,
-            IndexingUpdateOp::Assign,
-        );
-        ChunkOut { value: out.value, grad }
-    }))
+            // 3. Back to the full vocabulary: a cached id gets its coarse gradient, a tail id its
+            //    share p_j / P_tail of the tail bucket's gradient.
+            let gamma_top = out.grad.clone().narrow(1, 0, k);
+            let gamma_tail = out.grad.narrow(1, k, 1);
+            let share = (ls.clone() - ls_tail).exp();
+            let dead = is_top.bool_or(ls.equal_elem(f64::NEG_INFINITY));
+            let grad = (share * gamma_tail).mask_fill(dead, 0.0).scatter(
+                1,
+                ids,
+                gamma_top,
+                IndexingUpdateOp::Assign,
+            );
+            ChunkOut {
+                value: out.value,
+                grad,
+            }
+        },
+    ))
 }
 
 /// `log Σ_j exp(x_ij)` per row, `[rows, 1]`; a row of `-inf` gives `-inf` (not NaN).
 fn log_sum_exp_rows(x: Tensor<2>) -> Tensor<2> {
     let top = x.clone().max_dim(1);
-    let top = top.clone().mask_fill(top.equal_elem(f64::NEG_INFINITY), 0.0);
+    let top = top
+        .clone()
+        .mask_fill(top.equal_elem(f64::NEG_INFINITY), 0.0);
     top.clone() + (x - top).exp().sum_dim(1).log()
 }

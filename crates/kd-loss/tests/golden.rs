@@ -82,7 +82,9 @@ fn divergence(name: &str, beta: Option<f64>) -> Divergence {
     match name {
         "fkl" => Divergence::ForwardKl,
         "rkl" => Divergence::ReverseKl,
-        "jsd" => Divergence::Jsd { beta: beta.expect("jsd has beta") },
+        "jsd" => Divergence::Jsd {
+            beta: beta.expect("jsd has beta"),
+        },
         other => panic!("unknown divergence {other}"),
     }
 }
@@ -121,7 +123,10 @@ fn assert_close(what: &str, got: &[f32], want: &[f64], abs: f64, rel: f64) {
     assert_eq!(got.len(), want.len(), "{what}: length");
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
         let err = (g as f64 - w).abs();
-        assert!(err <= abs + rel * w.abs(), "{what}[{i}]: got {g}, want {w} (err {err:e})");
+        assert!(
+            err <= abs + rel * w.abs(),
+            "{what}[{i}]: got {g}, want {w} (err {err:e})"
+        );
     }
 }
 
@@ -129,7 +134,10 @@ fn value_and_grad(student: &Tensor<2>, loss: Tensor<1>) -> (f32, Vec<f32>) {
     let grads = loss.backward();
     let value = loss.into_scalar::<f32>();
     let grad = student.grad(&grads).expect("student has a gradient");
-    (value, grad.into_data().try_to_vec::<f32>().expect("f32 gradient"))
+    (
+        value,
+        grad.into_data().try_to_vec::<f32>().expect("f32 gradient"),
+    )
 }
 
 #[test]
@@ -176,7 +184,10 @@ fn kd_losses_match_pytorch_and_trl() {
             )
             .autodiff();
             let loss = if flat {
-                let mask = Tensor::<1, Bool>::from_data(TensorData::new(keep.clone(), [positions]), &device);
+                let mask = Tensor::<1, Bool>::from_data(
+                    TensorData::new(keep.clone(), [positions]),
+                    &device,
+                );
                 kd_loss(student.clone(), teacher, Some(mask), &cfg)
             } else {
                 let mask = Tensor::<2, Bool>::from_data(
@@ -192,10 +203,22 @@ fn kd_losses_match_pytorch_and_trl() {
             }
             .expect("valid loss inputs");
             let (value, grad) = value_and_grad(&student, loss);
-            assert_close(&format!("{name} value"), &[value], &[case.value], VALUE_ABS_TOL, VALUE_REL_TOL);
+            assert_close(
+                &format!("{name} value"),
+                &[value],
+                &[case.value],
+                VALUE_ABS_TOL,
+                VALUE_REL_TOL,
+            );
             assert_grad_close(&format!("{name} grad"), &grad, &case.grad, GRAD_TOL);
             if let (Some(tv), Some(tg)) = (case.trl_value, &case.trl_grad) {
-                assert_close(&format!("{name} TRL value"), &[value], &[tv], TRL_VALUE_ABS_TOL, 0.0);
+                assert_close(
+                    &format!("{name} TRL value"),
+                    &[value],
+                    &[tv],
+                    TRL_VALUE_ABS_TOL,
+                    0.0,
+                );
                 assert_grad_close(&format!("{name} TRL grad"), &grad, tg, TRL_GRAD_TOL);
             }
             checked += 1;
@@ -211,8 +234,12 @@ fn cross_entropy_matches_pytorch() {
     let positions = g.batch * g.seq;
     for case in g.cases.iter().filter(|c| c.loss == "ce") {
         let mask = &g.masks[&case.mask];
-        let labels: Vec<i64> =
-            g.targets.iter().zip(mask).map(|(&t, &m)| if m == 0 { -100 } else { t }).collect();
+        let labels: Vec<i64> = g
+            .targets
+            .iter()
+            .zip(mask)
+            .map(|(&t, &m)| if m == 0 { -100 } else { t })
+            .collect();
         let reduction = reduction(&case.reduction, g.items);
         let student = Tensor::<2>::from_data(
             TensorData::new(dirty(&g.student, mask, g.vocab), [positions, g.vocab]),
@@ -222,7 +249,12 @@ fn cross_entropy_matches_pytorch() {
         let loss = if reduction == Reduction::PerSequenceMean {
             let labels =
                 Tensor::<2, Int>::from_data(TensorData::new(labels, [g.batch, g.seq]), &device);
-            cross_entropy_3d(student.clone().reshape([g.batch, g.seq, g.vocab]), labels, &reduction, 4)
+            cross_entropy_3d(
+                student.clone().reshape([g.batch, g.seq, g.vocab]),
+                labels,
+                &reduction,
+                4,
+            )
         } else {
             let labels = Tensor::<1, Int>::from_data(TensorData::new(labels, [positions]), &device);
             try_cross_entropy(student.clone(), labels, &reduction, 4)
@@ -230,7 +262,13 @@ fn cross_entropy_matches_pytorch() {
         .expect("valid ce inputs");
         let (value, grad) = value_and_grad(&student, loss);
         let name = format!("ce {} {}", case.reduction, case.mask);
-        assert_close(&format!("{name} value"), &[value], &[case.value], VALUE_ABS_TOL, VALUE_REL_TOL);
+        assert_close(
+            &format!("{name} value"),
+            &[value],
+            &[case.value],
+            VALUE_ABS_TOL,
+            VALUE_REL_TOL,
+        );
         assert_grad_close(&format!("{name} grad"), &grad, &case.grad, GRAD_TOL);
     }
 }
@@ -256,17 +294,31 @@ fn sparse_kd_matches_pytorch() {
         )
         .require_grad();
         let teacher = SparseTeacher {
-            ids: Tensor::from_data(TensorData::new(case.top_ids.clone(), [positions, g.top_k]), &device),
+            ids: Tensor::from_data(
+                TensorData::new(case.top_ids.clone(), [positions, g.top_k]),
+                &device,
+            ),
             log_probs: Tensor::from_data(
                 TensorData::new(case.top_logprobs.clone(), [positions, g.top_k]),
                 &device,
             ),
         };
-        let mask = Tensor::<1, Bool>::from_data(TensorData::new(keep.clone(), [positions]), &device);
-        let loss = sparse_kd_loss(student.clone(), teacher, Some(mask), &cfg).expect("valid inputs");
+        let mask =
+            Tensor::<1, Bool>::from_data(TensorData::new(keep.clone(), [positions]), &device);
+        let loss =
+            sparse_kd_loss(student.clone(), teacher, Some(mask), &cfg).expect("valid inputs");
         let (value, grad) = value_and_grad(&student, loss);
-        let name = format!("sparse {} T={} {}", case.divergence, case.temperature, case.reduction);
-        assert_close(&format!("{name} value"), &[value], &[case.value], VALUE_ABS_TOL, VALUE_REL_TOL);
+        let name = format!(
+            "sparse {} T={} {}",
+            case.divergence, case.temperature, case.reduction
+        );
+        assert_close(
+            &format!("{name} value"),
+            &[value],
+            &[case.value],
+            VALUE_ABS_TOL,
+            VALUE_REL_TOL,
+        );
         assert_grad_close(&format!("{name} grad"), &grad, &case.grad, GRAD_TOL);
     }
 }
@@ -299,9 +351,22 @@ fn hand_checkable_values() {
         };
         let student = Tensor::<2>::from_data([[0.0f32, 0.0, 0.0]], &device);
         let teacher = Tensor::<2>::from_data([[2.0f32, 0.0, 0.0]], &device);
-        let value: f32 = kd_loss(student, teacher, None, &cfg).expect("valid").into_scalar();
-        assert!((value as f64 - want).abs() <= HAND_TOL, "{name} T={temperature}: {value} vs {want}");
-        assert!((value as f64 - hand.value).abs() <= HAND_TOL, "{name}: {value} vs torch {}", hand.value);
-        assert!((value as f64 - hand.trl_value).abs() <= HAND_TOL, "{name}: vs TRL {}", hand.trl_value);
+        let value: f32 = kd_loss(student, teacher, None, &cfg)
+            .expect("valid")
+            .into_scalar();
+        assert!(
+            (value as f64 - want).abs() <= HAND_TOL,
+            "{name} T={temperature}: {value} vs {want}"
+        );
+        assert!(
+            (value as f64 - hand.value).abs() <= HAND_TOL,
+            "{name}: {value} vs torch {}",
+            hand.value
+        );
+        assert!(
+            (value as f64 - hand.trl_value).abs() <= HAND_TOL,
+            "{name}: vs TRL {}",
+            hand.trl_value
+        );
     }
 }

@@ -35,7 +35,9 @@ impl Rng {
 
     /// Roughly normal (sum of uniforms), times `scale`.
     fn normal(&mut self, n: usize, scale: f32) -> Vec<f32> {
-        (0..n).map(|_| (0..4).map(|_| self.next_f32() - 0.5).sum::<f32>() * 1.7 * scale).collect()
+        (0..n)
+            .map(|_| (0..4).map(|_| self.next_f32() - 0.5).sum::<f32>() * 1.7 * scale)
+            .collect()
     }
 }
 
@@ -47,7 +49,13 @@ fn bf16_round(x: f32) -> f32 {
 }
 
 fn cfg(divergence: Divergence, temperature: f64, reduction: Reduction) -> KdConfig {
-    KdConfig { divergence, temperature, t_squared: false, reduction, chunk_positions: 3 }
+    KdConfig {
+        divergence,
+        temperature,
+        t_squared: false,
+        reduction,
+        chunk_positions: 3,
+    }
 }
 
 fn tensor(values: Vec<f32>, shape: [usize; 2], device: &Device) -> Tensor<2> {
@@ -72,7 +80,11 @@ fn eval(
     let keep = keep.map(|k| mask(k, &device));
     let loss = kd_loss(student.clone(), teacher, keep, cfg).expect("valid inputs");
     let grads = loss.backward();
-    let grad = student.grad(&grads).expect("gradient").into_data().try_to_vec::<f32>();
+    let grad = student
+        .grad(&grads)
+        .expect("gradient")
+        .into_data()
+        .try_to_vec::<f32>();
     (loss.into_scalar(), grad.expect("f32"))
 }
 
@@ -85,9 +97,15 @@ fn identical_inputs_give_zero() {
         for temperature in [0.5, 1.0, 2.0] {
             let cfg = cfg(divergence, temperature, Reduction::Sum);
             let (value, grad) = eval(logits.clone(), logits.clone(), shape, None, &cfg);
-            assert!(value.abs() <= ZERO_TOL, "{divergence:?} T={temperature}: {value}");
+            assert!(
+                value.abs() <= ZERO_TOL,
+                "{divergence:?} T={temperature}: {value}"
+            );
             let worst = grad.iter().fold(0f32, |m, g| m.max(g.abs()));
-            assert!(worst <= ZERO_TOL, "{divergence:?} T={temperature}: grad {worst}");
+            assert!(
+                worst <= ZERO_TOL,
+                "{divergence:?} T={temperature}: grad {worst}"
+            );
         }
     }
 }
@@ -98,16 +116,25 @@ fn bf16_rounded_inputs_are_never_negative() {
     let shape = [5, 29];
     for trial in 0..40 {
         let scale = [0.1, 1.0, 4.0, 12.0][trial % 4];
-        let student: Vec<f32> = rng.normal(5 * 29, scale).into_iter().map(bf16_round).collect();
+        let student: Vec<f32> = rng
+            .normal(5 * 29, scale)
+            .into_iter()
+            .map(bf16_round)
+            .collect();
         // Nearly identical teachers are where cancellation could push a value below 0.
-        let teacher: Vec<f32> =
-            student.iter().map(|&s| bf16_round(s + 1e-3 * (rng.next_f32() - 0.5))).collect();
+        let teacher: Vec<f32> = student
+            .iter()
+            .map(|&s| bf16_round(s + 1e-3 * (rng.next_f32() - 0.5)))
+            .collect();
         for divergence in DIVERGENCES {
             for temperature in [0.7, 1.0, 3.0] {
                 let cfg = cfg(divergence, temperature, Reduction::Sum);
                 for t in [&teacher, &student] {
                     let (value, _) = eval(student.clone(), t.clone(), shape, None, &cfg);
-                    assert!(value >= NEGATIVE_TOL, "{divergence:?} T={temperature}: {value}");
+                    assert!(
+                        value >= NEGATIVE_TOL,
+                        "{divergence:?} T={temperature}: {value}"
+                    );
                 }
             }
         }
@@ -126,7 +153,10 @@ fn fully_masked_input_gives_zero_and_a_zero_gradient() {
             let keep = [false; 3];
             let (value, grad) = eval(garbage.clone(), garbage.clone(), shape, Some(&keep), &cfg);
             assert_eq!(value, 0.0, "{divergence:?} {reduction:?}");
-            assert!(grad.iter().all(|&g| g == 0.0), "{divergence:?} {reduction:?}: {grad:?}");
+            assert!(
+                grad.iter().all(|&g| g == 0.0),
+                "{divergence:?} {reduction:?}: {grad:?}"
+            );
         }
     }
 }
@@ -139,21 +169,41 @@ fn vocabulary_padding_with_neg_inf_changes_nothing() {
     let teacher = rng.normal(positions * vocab, 2.0);
     let padded = |x: &[f32]| -> Vec<f32> {
         x.chunks(vocab)
-            .flat_map(|row| row.iter().copied().chain(std::iter::repeat_n(f32::NEG_INFINITY, pad)))
+            .flat_map(|row| {
+                row.iter()
+                    .copied()
+                    .chain(std::iter::repeat_n(f32::NEG_INFINITY, pad))
+            })
             .collect()
     };
     for divergence in DIVERGENCES {
         let cfg = cfg(divergence, 1.5, Reduction::TokenMean);
-        let (value, grad) =
-            eval(student.clone(), teacher.clone(), [positions, vocab], None, &cfg);
-        let (value_p, grad_p) =
-            eval(padded(&student), padded(&teacher), [positions, vocab + pad], None, &cfg);
-        assert!((value - value_p).abs() <= EQUAL_TOL, "{divergence:?}: {value} vs {value_p}");
+        let (value, grad) = eval(
+            student.clone(),
+            teacher.clone(),
+            [positions, vocab],
+            None,
+            &cfg,
+        );
+        let (value_p, grad_p) = eval(
+            padded(&student),
+            padded(&teacher),
+            [positions, vocab + pad],
+            None,
+            &cfg,
+        );
+        assert!(
+            (value - value_p).abs() <= EQUAL_TOL,
+            "{divergence:?}: {value} vs {value_p}"
+        );
         for (row, row_p) in grad.chunks(vocab).zip(grad_p.chunks(vocab + pad)) {
             for (g, gp) in row.iter().zip(row_p) {
                 assert!((g - gp).abs() <= EQUAL_TOL, "{divergence:?}: {g} vs {gp}");
             }
-            assert!(row_p[vocab..].iter().all(|&g| g == 0.0), "{divergence:?}: padding grad");
+            assert!(
+                row_p[vocab..].iter().all(|&g| g == 0.0),
+                "{divergence:?}: padding grad"
+            );
         }
     }
 }
@@ -169,8 +219,13 @@ fn micro_batches_with_items_equal_one_batch() {
     for divergence in DIVERGENCES {
         // The whole batch with token mean …
         let whole = cfg(divergence, 2.0, Reduction::TokenMean);
-        let (value, grad) =
-            eval(student.clone(), teacher.clone(), [positions, vocab], Some(&keep), &whole);
+        let (value, grad) = eval(
+            student.clone(),
+            teacher.clone(),
+            [positions, vocab],
+            Some(&keep),
+            &whole,
+        );
         // … against four uneven micro-batches, each normalised by the global item count.
         let part = cfg(divergence, 2.0, Reduction::Items(items));
         let (mut value_sum, mut grad_cat) = (0f32, Vec::new());
@@ -189,7 +244,10 @@ fn micro_batches_with_items_equal_one_batch() {
             start += len;
         }
         assert_eq!(start, positions);
-        assert!((value - value_sum).abs() <= EQUAL_TOL, "{divergence:?}: {value} vs {value_sum}");
+        assert!(
+            (value - value_sum).abs() <= EQUAL_TOL,
+            "{divergence:?}: {value} vs {value_sum}"
+        );
         for (g, gm) in grad.iter().zip(&grad_cat) {
             assert!((g - gm).abs() <= EQUAL_TOL, "{divergence:?}: {g} vs {gm}");
         }
@@ -214,10 +272,17 @@ fn t_squared_scales_value() {
     let student = Tensor::<2>::from_data([[0.0f32, 0.0, 0.0]], &device);
     let teacher = Tensor::<2>::from_data([[2.0f32, 0.0, 0.0]], &device);
     let mut c = cfg(Divergence::ReverseKl, 2.0, Reduction::Sum);
-    let plain: f32 = kd_loss(student.clone(), teacher.clone(), None, &c).expect("ok").into_scalar();
+    let plain: f32 = kd_loss(student.clone(), teacher.clone(), None, &c)
+        .expect("ok")
+        .into_scalar();
     c.t_squared = true;
-    let scaled: f32 = kd_loss(student, teacher, None, &c).expect("ok").into_scalar();
-    assert!((scaled - 4.0 * plain).abs() <= ZERO_TOL, "{scaled} vs 4 × {plain}");
+    let scaled: f32 = kd_loss(student, teacher, None, &c)
+        .expect("ok")
+        .into_scalar();
+    assert!(
+        (scaled - 4.0 * plain).abs() <= ZERO_TOL,
+        "{scaled} vs 4 × {plain}"
+    );
 }
 
 #[test]
@@ -227,18 +292,42 @@ fn bad_inputs_are_errors() {
     let narrow = Tensor::<2>::zeros([2, 4], &device);
     let ok = cfg(Divergence::ReverseKl, 1.0, Reduction::Sum);
     let err = kd_loss(s.clone(), narrow, None, &ok).err();
-    assert_eq!(err, Some(LossError::TeacherNarrower { teacher: 4, student: 5 }));
+    assert_eq!(
+        err,
+        Some(LossError::TeacherNarrower {
+            teacher: 4,
+            student: 5
+        })
+    );
     let rows = Tensor::<2>::zeros([3, 5], &device);
-    assert!(matches!(kd_loss(s.clone(), rows, None, &ok), Err(LossError::ShapeMismatch { .. })));
+    assert!(matches!(
+        kd_loss(s.clone(), rows, None, &ok),
+        Err(LossError::ShapeMismatch { .. })
+    ));
     let cases = [
-        (cfg(Divergence::Jsd { beta: 1.5 }, 1.0, Reduction::Sum), LossError::Beta(1.5)),
-        (cfg(Divergence::ForwardKl, 0.0, Reduction::Sum), LossError::Temperature(0.0)),
-        (cfg(Divergence::ForwardKl, 1.0, Reduction::Items(0.0)), LossError::Items(0.0)),
+        (
+            cfg(Divergence::Jsd { beta: 1.5 }, 1.0, Reduction::Sum),
+            LossError::Beta(1.5),
+        ),
+        (
+            cfg(Divergence::ForwardKl, 0.0, Reduction::Sum),
+            LossError::Temperature(0.0),
+        ),
+        (
+            cfg(Divergence::ForwardKl, 1.0, Reduction::Items(0.0)),
+            LossError::Items(0.0),
+        ),
         (
             cfg(Divergence::ForwardKl, 1.0, Reduction::PerSequenceMean),
             LossError::PerSequenceNeedsSequences,
         ),
-        (KdConfig { chunk_positions: 0, ..ok.clone() }, LossError::ChunkPositions),
+        (
+            KdConfig {
+                chunk_positions: 0,
+                ..ok.clone()
+            },
+            LossError::ChunkPositions,
+        ),
     ];
     for (c, want) in cases {
         assert_eq!(kd_loss(s.clone(), s.clone(), None, &c).err(), Some(want));
@@ -256,10 +345,16 @@ fn shift_drops_last_logits_and_first_label() {
         .float()
         .reshape([1, 4, 1])
         .repeat_dim(2, 3);
-    let labels = Tensor::<1, Int>::arange(0..4, &device).mul_scalar(10).reshape([1, 4]);
+    let labels = Tensor::<1, Int>::arange(0..4, &device)
+        .mul_scalar(10)
+        .reshape([1, 4]);
     let (logits, labels) = shift_for_next_token(logits, labels);
     assert_eq!(logits.dims(), [1, 3, 3]);
-    let first: Vec<f32> = logits.narrow(2, 0, 1).into_data().try_to_vec().expect("f32");
+    let first: Vec<f32> = logits
+        .narrow(2, 0, 1)
+        .into_data()
+        .try_to_vec()
+        .expect("f32");
     let labels: Vec<f32> = labels.float().into_data().try_to_vec().expect("f32");
     assert_eq!(first, [0.0, 1.0, 2.0]);
     assert_eq!(labels, [10.0, 20.0, 30.0]);

@@ -31,10 +31,14 @@ fn main() {
         let _ = x.clone().exp().sum().into_scalar::<f32>();
         let exp = t.elapsed();
         let t = Instant::now();
-        let _ = burn::tensor::activation::log_softmax(x.clone(), 1).sum().into_scalar::<f32>();
+        let _ = burn::tensor::activation::log_softmax(x.clone(), 1)
+            .sum()
+            .into_scalar::<f32>();
         let lsm = t.elapsed();
         let t = Instant::now();
-        let _ = burn::tensor::activation::softmax(x.clone(), 1).sum().into_scalar::<f32>();
+        let _ = burn::tensor::activation::softmax(x.clone(), 1)
+            .sum()
+            .into_scalar::<f32>();
         let sm = t.elapsed();
         let t = Instant::now();
         let _ = (x.clone() * x.clone()).sum().into_scalar::<f32>();
