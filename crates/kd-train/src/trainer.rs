@@ -309,22 +309,32 @@ mod tests {
         }
     }
 
+    /// The KD term of `student` against `teacher` (on the plain device) for [`batch`].
+    fn kd_term(teacher: &Qwen, student: &Qwen, plain: &Device, train: &Device) -> Tensor<1> {
+        let step = StepBatch::new(&batch(), train);
+        let objective = Objective::Distill {
+            teacher,
+            kd: rkl(),
+            alpha: 0.5,
+        };
+        let parts = step_loss(student, &step, &objective, Some(plain)).expect("loss");
+        parts.kd.expect("distillation has a KD term")
+    }
+
+    fn devices() -> (Device, Device) {
+        let plain = Device::flex();
+        let train = plain.clone().autodiff();
+        (plain, train)
+    }
+
     #[test]
     fn kd_term_is_nonzero_with_a_gradient_for_equal_vocabularies() {
         // The Python original computed KL only when the vocabularies differed; here both are
         // 40 wide and the term must still be there.
-        let plain = Device::flex();
-        let train = plain.clone().autodiff();
+        let (plain, train) = devices();
         let teacher = tiny(40, 1, &plain);
         let student = tiny(40, 2, &train);
-        let step = StepBatch::new(&batch(), &train);
-        let objective = Objective::Distill {
-            teacher: &teacher,
-            kd: rkl(),
-            alpha: 0.5,
-        };
-        let parts = step_loss(&student, &step, &objective, Some(&plain)).expect("loss");
-        let kd = parts.kd.expect("distillation has a KD term");
+        let kd = kd_term(&teacher, &student, &plain, &train);
         let kd_value = f64::from(kd.clone().into_scalar::<f32>());
         assert!(kd_value > 1e-3, "KD term is {kd_value}");
 
@@ -342,18 +352,10 @@ mod tests {
 
     #[test]
     fn kd_term_is_zero_when_student_is_the_teacher() {
-        let plain = Device::flex();
-        let train = plain.clone().autodiff();
+        let (plain, train) = devices();
         let teacher = tiny(40, 3, &plain);
         let student = teacher.clone().to_device(&train);
-        let step = StepBatch::new(&batch(), &train);
-        let objective = Objective::Distill {
-            teacher: &teacher,
-            kd: rkl(),
-            alpha: 0.5,
-        };
-        let parts = step_loss(&student, &step, &objective, Some(&plain)).expect("loss");
-        let kd_value = f64::from(parts.kd.expect("KD term").into_scalar::<f32>());
+        let kd_value = f64::from(kd_term(&teacher, &student, &plain, &train).into_scalar::<f32>());
         // Same weights: the divergence is zero up to f32 rounding of two identical forward
         // passes (bitwise equal on one backend; the tolerance leaves room for a backend that
         // fuses differently with autodiff on).
@@ -365,18 +367,10 @@ mod tests {
     fn wider_teacher_vocabulary_is_sliced_to_the_student() {
         // Qwen2.5-style padding rows: a teacher 8 rows wider than the student still gives a
         // finite, positive KD term.
-        let plain = Device::flex();
-        let train = plain.clone().autodiff();
+        let (plain, train) = devices();
         let teacher = tiny(48, 1, &plain);
         let student = tiny(40, 2, &train);
-        let step = StepBatch::new(&batch(), &train);
-        let objective = Objective::Distill {
-            teacher: &teacher,
-            kd: rkl(),
-            alpha: 0.5,
-        };
-        let parts = step_loss(&student, &step, &objective, Some(&plain)).expect("loss");
-        let kd_value = f64::from(parts.kd.expect("KD term").into_scalar::<f32>());
+        let kd_value = f64::from(kd_term(&teacher, &student, &plain, &train).into_scalar::<f32>());
         assert!(
             kd_value.is_finite() && kd_value > 0.0,
             "KD term is {kd_value}"
