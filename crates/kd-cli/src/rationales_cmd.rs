@@ -152,7 +152,7 @@ pub fn run(args: RationalesArgs) -> Result<()> {
         .with_context(|| format!("loading {}", args.model.display()))?;
     let config = model.config();
     let mut eos_ids: Vec<u32> = EOS_TOKENS.iter().filter_map(|t| tokens.id(t)).collect();
-    eos_ids.extend(config.eos_token_id);
+    eos_ids.extend(config.eos_token_id.iter().flat_map(|e| e.ids()));
     let pad_id = config
         .pad_token_id
         .or_else(|| tokens.id("<|endoftext|>"))

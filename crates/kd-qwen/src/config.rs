@@ -14,6 +14,26 @@ pub enum ModelType {
     Qwen3,
 }
 
+/// One token id or several, as `config.json` may give `eos_token_id`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum TokenIds {
+    /// A single id.
+    One(u32),
+    /// Several ids, any of which counts.
+    Many(Vec<u32>),
+}
+
+impl TokenIds {
+    /// Every id, in the file's order.
+    pub fn ids(&self) -> Vec<u32> {
+        match self {
+            Self::One(id) => vec![*id],
+            Self::Many(ids) => ids.clone(),
+        }
+    }
+}
+
 /// A Qwen2/Qwen3 configuration. Field names are exactly those of Hugging Face's `config.json`,
 /// so a checkpoint's file deserialises into it unchanged; unknown fields are ignored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -77,9 +97,10 @@ pub struct QwenConfig {
     /// Beginning-of-sequence id, kept for export.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bos_token_id: Option<u32>,
-    /// End-of-sequence id, kept for export.
+    /// End-of-sequence id(s), kept for export and generation. Hugging Face writes one id or a
+    /// list (chat models often end on several tokens).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub eos_token_id: Option<u32>,
+    pub eos_token_id: Option<TokenIds>,
     /// Initialiser standard deviation for training from scratch (Hugging Face's name).
     #[serde(default = "default_init_range")]
     pub initializer_range: f64,
@@ -299,7 +320,7 @@ impl QwenConfig {
             layer_types: None,
             pad_token_id: None,
             bos_token_id: Some(151_643),
-            eos_token_id: Some(151_645),
+            eos_token_id: Some(TokenIds::One(151_645)),
             initializer_range: 0.02,
         }
     }
@@ -327,6 +348,18 @@ mod tests {
         assert!(
             msg.contains("model_type") && msg.contains("llama") && msg.contains("x/config.json"),
             "{msg}"
+        );
+    }
+
+    #[test]
+    fn eos_token_id_may_be_a_list() {
+        let text = r#"{"model_type":"qwen3","vocab_size":100,"hidden_size":64,
+            "intermediate_size":128,"num_hidden_layers":2,"num_attention_heads":4,
+            "num_key_value_heads":2,"head_dim":16,"eos_token_id":[151645,151643]}"#;
+        let c = QwenConfig::from_json(text, "c.json").expect("valid");
+        assert_eq!(
+            c.eos_token_id.map(|e| e.ids()),
+            Some(vec![151_645, 151_643])
         );
     }
 

@@ -617,12 +617,15 @@ pub fn export_hf(model: &Qwen, dir: &Path, dtype: StoreDtype) -> Result<(), Erro
     let mut generation = serde_json::json!({ "_from_model_config": true });
     for (key, id) in [
         ("bos_token_id", config.bos_token_id),
-        ("eos_token_id", config.eos_token_id),
         ("pad_token_id", config.pad_token_id),
     ] {
         if let Some(id) = id {
             generation[key] = id.into();
         }
+    }
+    if let Some(eos) = &config.eos_token_id {
+        generation["eos_token_id"] = serde_json::to_value(eos)
+            .map_err(|e| ckpt_err(&dir.join("generation_config.json"), e.to_string()))?;
     }
     let gen_path = dir.join("generation_config.json");
     let text = serde_json::to_string_pretty(&generation)

@@ -25,7 +25,7 @@ mod io;
 mod model;
 
 pub use cache::KvCache;
-pub use config::{ModelType, QwenConfig};
+pub use config::{ModelType, QwenConfig, TokenIds};
 pub use error::Error;
 pub use generate::{Padding, greedy, pad_batch};
 pub use io::{Checkpoint, StoreDtype, TensorEntry, export_hf, load_checkpoint, save_checkpoint};
