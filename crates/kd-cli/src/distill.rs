@@ -10,7 +10,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use kd_imdb::assets::{Asset, AssetOptions, resolve};
 use kd_imdb::prompt::PromptBuilder;
 use kd_imdb::{Example, Review, ValSize, balanced_sample, read_aclimdb_archive, stratified_split};
-use kd_infer::{EvalReport, evaluate};
+use kd_infer::{EvalReport, LabelScores, evaluate};
 use kd_qwen::{Qwen, load_checkpoint, save_checkpoint};
 use kd_train::{Objective, StepMetrics, TrainSummary, inference_copy, train};
 use serde::Serialize;
@@ -145,9 +145,11 @@ pub fn run(args: DistillArgs) -> Result<()> {
     phases.push(("data".into(), t.elapsed().as_secs_f64()));
 
     let train_device = device.clone().autodiff();
-    let evaluate_both = |model: &Qwen, what: &str| -> Result<(EvalReport, EvalReport)> {
+    // Validation and test reports, and the test scores for the review-by-review comparison.
+    type Evaluated = (EvalReport, EvalReport, Vec<LabelScores>);
+    let evaluate_both = |model: &Qwen, what: &str| -> Result<Evaluated> {
         let bs = preset.eval.batch_size;
-        let val = with_bar(&format!("eval {what} (val)"), val_prompts.len(), |bar| {
+        let (val, _) = with_bar(&format!("eval {what} (val)"), val_prompts.len(), |bar| {
             evaluate(
                 model,
                 &val_prompts,
@@ -160,26 +162,27 @@ pub fn run(args: DistillArgs) -> Result<()> {
             )
             .map_err(anyhow::Error::from)
         })?;
-        let test = with_bar(&format!("eval {what} (test)"), test_prompts.len(), |bar| {
-            evaluate(
-                model,
-                &test_prompts,
-                &test_labels,
-                label_ids,
-                pad_id,
-                bs,
-                &device,
-                &mut |n| bar.set_position(n as u64),
-            )
-            .map_err(anyhow::Error::from)
-        })?;
+        let (test, test_scores) =
+            with_bar(&format!("eval {what} (test)"), test_prompts.len(), |bar| {
+                evaluate(
+                    model,
+                    &test_prompts,
+                    &test_labels,
+                    label_ids,
+                    pad_id,
+                    bs,
+                    &device,
+                    &mut |n| bar.set_position(n as u64),
+                )
+                .map_err(anyhow::Error::from)
+            })?;
         info!(
             model = what,
             val = val.accuracy,
             test = test.accuracy,
             "accuracy"
         );
-        Ok((val, test))
+        Ok((val, test, test_scores))
     };
 
     // 3. Teacher: loaded, or trained from scratch with cross-entropy on the labels.
@@ -210,7 +213,7 @@ pub fn run(args: DistillArgs) -> Result<()> {
     let teacher_cfg = teacher.config().clone();
     phases.push(("teacher".into(), t.elapsed().as_secs_f64()));
     let t = Instant::now();
-    let (teacher_val, teacher_test) = evaluate_both(&teacher, "teacher")?;
+    let (teacher_val, teacher_test, _) = evaluate_both(&teacher, "teacher")?;
     phases.push(("teacher_eval".into(), t.elapsed().as_secs_f64()));
 
     // 4. Students: same shape, seed, data and steps; one distilled, one on labels alone.
@@ -248,16 +251,7 @@ pub fn run(args: DistillArgs) -> Result<()> {
         save_checkpoint(&student, &out.join("checkpoints").join(name))?;
         phases.push((format!("{name}_train"), t.elapsed().as_secs_f64()));
         let t = Instant::now();
-        let (val, test) = evaluate_both(&student, name)?;
-        let scores = kd_infer::score_labels(
-            &student,
-            &test_prompts,
-            label_ids,
-            pad_id,
-            preset.eval.batch_size,
-            &device,
-            &mut |_| {},
-        )?;
+        let (val, test, scores) = evaluate_both(&student, name)?;
         phases.push((format!("{name}_eval"), t.elapsed().as_secs_f64()));
         students.push((
             ModelReport {

@@ -85,7 +85,8 @@ pub struct EvalReport {
 }
 
 /// Scores `prompts` and compares the preferred label with `labels` (0 = negative,
-/// 1 = positive).
+/// 1 = positive). Returns the report and the scores it was computed from, so a caller that
+/// compares models review by review need not score them again.
 #[allow(clippy::too_many_arguments)] // one call site per binary; a struct would only rename them
 pub fn evaluate(
     model: &Qwen,
@@ -96,7 +97,7 @@ pub fn evaluate(
     batch_size: usize,
     device: &Device,
     on_progress: &mut dyn FnMut(usize),
-) -> Result<EvalReport, Error> {
+) -> Result<(EvalReport, Vec<LabelScores>), Error> {
     let started = Instant::now();
     let scores = score_labels(
         model,
@@ -114,12 +115,13 @@ pub fn evaluate(
         .count();
     let seconds = started.elapsed().as_secs_f64();
     let tokens: usize = prompts.iter().map(|e| e.input_ids.len()).sum();
-    Ok(EvalReport {
+    let report = EvalReport {
         examples: prompts.len(),
         correct,
         accuracy: correct as f64 / prompts.len().max(1) as f64,
         reviews_per_s: prompts.len() as f64 / seconds,
         tokens_per_s: tokens as f64 / seconds,
         seconds,
-    })
+    };
+    Ok((report, scores))
 }
