@@ -296,6 +296,20 @@ fn to_vec<const D: usize>(t: Tensor<D>, name: &str) -> Result<Vec<f32>, QuantErr
         .map_err(|_| QuantError::Backend(name.to_string()))
 }
 
+/// A tensor stored as it is, in f32: name, dtype, shape and bytes.
+fn full_precision<const D: usize>(
+    name: &str,
+    t: Tensor<D>,
+) -> Result<(String, Dtype, Vec<usize>, Vec<u8>), QuantError> {
+    let shape = t.dims().to_vec();
+    Ok((
+        name.to_string(),
+        Dtype::F32,
+        shape,
+        f32_bytes(&to_vec(t, name)?),
+    ))
+}
+
 fn f32_bytes(values: &[f32]) -> Vec<u8> {
     values.iter().flat_map(|v| v.to_le_bytes()).collect()
 }
@@ -341,26 +355,13 @@ pub fn quantize_checkpoint(
             // burn [in, out] -> PyTorch [out, in]: blocks then run along input features.
             Slot::Linear(p) => Some(p.val().transpose()),
             Slot::Embedding(p) if spec.embeddings => Some(p.val()),
+            // Kept in full precision: an embedding not asked for, norms and biases.
             Slot::Embedding(p) => {
-                let t = p.val();
-                let shape = t.dims().to_vec();
-                tensors.push((
-                    name.clone(),
-                    Dtype::F32,
-                    shape,
-                    f32_bytes(&to_vec(t, &name)?),
-                ));
+                tensors.push(full_precision(&name, p.val())?);
                 None
             }
             Slot::Vector(p) => {
-                let t = p.val();
-                let shape = t.dims().to_vec();
-                tensors.push((
-                    name.clone(),
-                    Dtype::F32,
-                    shape,
-                    f32_bytes(&to_vec(t, &name)?),
-                ));
+                tensors.push(full_precision(&name, p.val())?);
                 None
             }
         };
