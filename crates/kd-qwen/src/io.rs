@@ -453,6 +453,7 @@ impl Reader<'_> {
                 norm,
             },
             lm_head,
+            lora: None,
             config: c,
         })
     }
@@ -582,7 +583,18 @@ fn hf_config(config: &QwenConfig, dtype: StoreDtype, origin: &Path) -> Result<St
 /// `model.safetensors` (in `dtype`, HF names, a tied head stored once as the embedding) and
 /// `generation_config.json`. Each file is written under a temporary name and renamed, so an
 /// interrupted export leaves any previous file whole.
+///
+/// A model with LoRA adapters is refused: the base weights alone are not what was trained.
+/// Merge them first ([`merge_lora`](crate::merge_lora)) or save them on their own
+/// ([`save_adapters`](crate::save_adapters)).
 pub fn export_hf(model: &Qwen, dir: &Path, dtype: StoreDtype) -> Result<(), Error> {
+    if model.lora.is_some() {
+        return Err(ckpt_err(
+            dir,
+            "the model has LoRA adapters: merge them into the weights first \
+             (kd_qwen::merge_lora) or save them on their own (kd_qwen::save_adapters)",
+        ));
+    }
     std::fs::create_dir_all(dir).map_err(io_err(dir))?;
     let weights = dir.join("model.safetensors");
     let mut encoded = Vec::new();

@@ -4,6 +4,8 @@
 //! `config.json` ([`QwenConfig`]): grouped-query attention, rotate-half RoPE computed in f32,
 //! SwiGLU, RMSNorm, optional per-head q/k RMSNorm (Qwen3), optional q/k/v bias (Qwen2),
 //! tied or separate LM head, and `head_dim` independent of `hidden_size / heads`.
+//! LoRA adapters ([`attach_lora`], [`save_adapters`], [`merge_lora`]) fine-tune it with the base
+//! weights frozen, in Hugging Face PEFT's formula and file format.
 //!
 //! The crate never picks a backend: every constructor takes a `&Device`.
 //!
@@ -22,6 +24,7 @@ mod config;
 mod error;
 mod generate;
 mod io;
+mod lora;
 mod model;
 
 pub use cache::KvCache;
@@ -29,4 +32,8 @@ pub use config::{ModelType, QwenConfig, TokenIds};
 pub use error::Error;
 pub use generate::{Padding, greedy, pad_batch};
 pub use io::{Checkpoint, StoreDtype, TensorEntry, export_hf, load_checkpoint, save_checkpoint};
+pub use lora::{
+    ADAPTER_CONFIG, ADAPTER_WEIGHTS, AttentionLora, LayerLora, LoraAdapter, LoraConfig, MlpLora,
+    QwenLora, attach_lora, has_lora, load_adapters, merge_lora, save_adapters,
+};
 pub use model::{Attention, DecoderLayer, ForwardOptions, Mlp, Qwen, QwenBody, RmsNorm, Rope};

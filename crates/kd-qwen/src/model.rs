@@ -16,6 +16,7 @@ use burn::tensor::{Bool, Device, Int, Tensor};
 
 use crate::QwenConfig;
 use crate::cache::KvCache;
+use crate::lora::{AttentionLora, LoraAdapter, MlpLora, QwenLora};
 
 /// Root-mean-square normalisation with a learned per-channel scale, computed in f32.
 #[derive(Module, Debug)]
@@ -56,6 +57,14 @@ fn linear(d_in: usize, d_out: usize, bias: bool, std: f64, device: &Device) -> L
         .with_bias(bias)
         .with_initializer(Initializer::Normal { mean: 0.0, std })
         .init(device)
+}
+
+/// A projection plus, when it has one, its LoRA adapter's contribution.
+fn project(base: &Linear, adapter: Option<&LoraAdapter>, x: Tensor<3>) -> Tensor<3> {
+    match adapter {
+        Some(adapter) => base.forward(x.clone()) + adapter.forward(x),
+        None => base.forward(x),
+    }
 }
 
 /// Grouped-query self-attention with rotary positions (and, for Qwen3, q/k RMSNorm).
@@ -164,20 +173,27 @@ impl Attention {
         rope: &Rope,
         mask: Option<Tensor<4, Bool>>,
         cache: Option<&mut (Option<Tensor<4>>, Option<Tensor<4>>)>,
+        lora: Option<&AttentionLora>,
     ) -> Tensor<3> {
         let [batch, seq, _] = x.dims();
         let (heads, kv_heads, hd) = (self.heads, self.kv_heads, self.head_dim);
 
-        // 1. Project and split heads: [batch, seq, n * hd] -> [batch, n, seq, hd].
-        let q = self
-            .q_proj
-            .forward(x.clone())
-            .reshape([batch, seq, heads, hd]);
-        let k = self
-            .k_proj
-            .forward(x.clone())
+        // 1. Project (with the LoRA adapters, if any) and split heads:
+        //    [batch, seq, n * hd] -> [batch, n, seq, hd].
+        let q = project(
+            &self.q_proj,
+            lora.and_then(|l| l.q_proj.as_ref()),
+            x.clone(),
+        )
+        .reshape([batch, seq, heads, hd]);
+        let k = project(
+            &self.k_proj,
+            lora.and_then(|l| l.k_proj.as_ref()),
+            x.clone(),
+        )
+        .reshape([batch, seq, kv_heads, hd]);
+        let v = project(&self.v_proj, lora.and_then(|l| l.v_proj.as_ref()), x)
             .reshape([batch, seq, kv_heads, hd]);
-        let v = self.v_proj.forward(x).reshape([batch, seq, kv_heads, hd]);
 
         // 2. Qwen3 normalises q and k per head, before RoPE.
         let q = match &self.q_norm {
@@ -221,7 +237,7 @@ impl Attention {
 
         // 5. Merge heads and project back.
         let out = out.swap_dims(1, 2).reshape([batch, seq, heads * hd]);
-        self.o_proj.forward(out)
+        project(&self.o_proj, lora.and_then(|l| l.o_proj.as_ref()), out)
     }
 
     fn repeat_kv(&self, x: Tensor<4>) -> Tensor<4> {
@@ -262,9 +278,15 @@ impl Mlp {
         }
     }
 
-    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let gate = silu(self.gate_proj.forward(x.clone()));
-        self.down_proj.forward(gate.mul(self.up_proj.forward(x)))
+    fn forward(&self, x: Tensor<3>, lora: Option<&MlpLora>) -> Tensor<3> {
+        let gate = project(
+            &self.gate_proj,
+            lora.and_then(|l| l.gate_proj.as_ref()),
+            x.clone(),
+        );
+        let up = project(&self.up_proj, lora.and_then(|l| l.up_proj.as_ref()), x);
+        let h = silu(gate).mul(up);
+        project(&self.down_proj, lora.and_then(|l| l.down_proj.as_ref()), h)
     }
 }
 
@@ -311,6 +333,10 @@ pub struct Qwen {
     pub model: QwenBody,
     /// Output projection `[hidden] → [vocab]`; `None` when tied to the embedding.
     pub lm_head: Option<Linear>,
+    /// LoRA adapters beside the decoder layers' projections; `None` for a plain model. Set by
+    /// [`attach_lora`](crate::attach_lora) / [`load_adapters`](crate::load_adapters), folded
+    /// into the weights and cleared by [`merge_lora`](crate::merge_lora).
+    pub lora: Option<QwenLora>,
     #[module(skip)]
     pub(crate) config: QwenConfig,
 }
@@ -343,6 +369,7 @@ impl Qwen {
                 norm: RmsNorm::new(config.hidden_size, config.rms_norm_eps, device),
             },
             lm_head,
+            lora: None,
             config: config.clone(),
         }
     }
@@ -412,16 +439,19 @@ impl Qwen {
         let mut x = self.model.embed_tokens.forward(input_ids); // [batch, seq, hidden]
         for (i, layer) in self.model.layers.iter().enumerate() {
             let slot = cache.as_mut().map(|c| c.layer_mut(i));
+            let lora = self.lora.as_ref().map(|l| &l.layers[i]);
             let h = layer.self_attn.forward(
                 layer.input_layernorm.forward(x.clone()),
                 &rope,
                 mask.clone(),
                 slot,
+                lora.map(|l| &l.self_attn),
             );
             x = x + h;
-            let h = layer
-                .mlp
-                .forward(layer.post_attention_layernorm.forward(x.clone()));
+            let h = layer.mlp.forward(
+                layer.post_attention_layernorm.forward(x.clone()),
+                lora.map(|l| &l.mlp),
+            );
             x = x + h;
         }
         if let Some(c) = cache {
