@@ -287,6 +287,47 @@ impl Checkpoint {
     }
 }
 
+fn f32_le(c: &[u8]) -> f32 {
+    f32::from_le_bytes([c[0], c[1], c[2], c[3]])
+}
+
+fn bf16_le(c: &[u8]) -> f32 {
+    f32::from_bits(u32::from(u16::from_le_bytes([c[0], c[1]])) << 16)
+}
+
+fn f16_le(c: &[u8]) -> f32 {
+    half::f16::from_le_bytes([c[0], c[1]]).to_f32()
+}
+
+/// Decodes little-endian elements of `width` bytes.
+fn decode_all(bytes: &[u8], width: usize, decode: impl Fn(&[u8]) -> f32) -> Vec<f32> {
+    bytes.chunks_exact(width).map(decode).collect()
+}
+
+/// Decodes a row-major `[rows, cols]` tensor of `width`-byte elements into its transpose,
+/// `[cols, rows]`, in tiles so that both sides stay in cache.
+fn transpose_decode(
+    bytes: &[u8],
+    width: usize,
+    rows: usize,
+    cols: usize,
+    decode: impl Fn(&[u8]) -> f32,
+) -> Vec<f32> {
+    const TILE: usize = 64;
+    let mut out = vec![0.0f32; rows * cols];
+    for r0 in (0..rows).step_by(TILE) {
+        for c0 in (0..cols).step_by(TILE) {
+            for r in r0..(r0 + TILE).min(rows) {
+                let row = &bytes[r * cols * width..(r + 1) * cols * width];
+                for c in c0..(c0 + TILE).min(cols) {
+                    out[c * rows + r] = decode(&row[c * width..(c + 1) * width]);
+                }
+            }
+        }
+    }
+    out
+}
+
 struct Reader<'a> {
     ckpt: &'a Checkpoint,
     handles: HashMap<PathBuf, File>,
@@ -301,6 +342,24 @@ impl Reader<'_> {
         name: &str,
         shape: [usize; D],
     ) -> Result<Tensor<D>, Error> {
+        let values = self.values(name, &shape, false)?;
+        Ok(Tensor::from_data(TensorData::new(values, shape), self.device))
+    }
+
+    /// Reads a 2-D `[rows, cols]` tensor and returns it transposed, `[cols, rows]`, stored
+    /// contiguously: the layout a freshly initialised burn `Linear` has, so a loaded model runs
+    /// the same kernels (and rounds the same way) as a freshly built one.
+    fn tensor_transposed(&mut self, name: &str, shape: [usize; 2]) -> Result<Tensor<2>, Error> {
+        let values = self.values(name, &shape, true)?;
+        Ok(Tensor::from_data(
+            TensorData::new(values, [shape[1], shape[0]]),
+            self.device,
+        ))
+    }
+
+    /// The f32 values of one tensor, checked against `shape`; transposed when `transpose`
+    /// (2-D only).
+    fn values(&mut self, name: &str, shape: &[usize], transpose: bool) -> Result<Vec<f32>, Error> {
         let entry = self.ckpt.tensors.get(name).ok_or_else(|| {
             let files: Vec<String> = self
                 .ckpt
@@ -344,27 +403,18 @@ impl Reader<'_> {
         file.seek(SeekFrom::Start(entry.begin))
             .and_then(|_| file.read_exact(&mut bytes))
             .map_err(|e| tensor_err(&entry.file, name, format!("cannot read its bytes: {e}")))?;
-        let values: Vec<f32> = match entry.dtype.as_str() {
-            "F32" => bytes
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-            // bf16 is the top half of an f32: the widening is exact.
-            "BF16" => bytes
-                .chunks_exact(2)
-                .map(|c| f32::from_bits(u32::from(u16::from_le_bytes([c[0], c[1]])) << 16))
-                .collect(),
-            _ => bytes
-                .chunks_exact(2)
-                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
+        // bf16 is the top half of an f32: the widening is exact.
+        let values = match (entry.dtype.as_str(), transpose) {
+            ("F32", false) => decode_all(&bytes, 4, f32_le),
+            ("F32", true) => transpose_decode(&bytes, 4, shape[0], shape[1], f32_le),
+            ("BF16", false) => decode_all(&bytes, 2, bf16_le),
+            ("BF16", true) => transpose_decode(&bytes, 2, shape[0], shape[1], bf16_le),
+            (_, false) => decode_all(&bytes, 2, f16_le),
+            (_, true) => transpose_decode(&bytes, 2, shape[0], shape[1], f16_le),
         };
         drop(bytes);
         self.used += 1;
-        Ok(Tensor::from_data(
-            TensorData::new(values, shape),
-            self.device,
-        ))
+        Ok(values)
     }
 
     fn linear(
@@ -375,9 +425,7 @@ impl Reader<'_> {
         bias: bool,
     ) -> Result<Linear, Error> {
         // PyTorch [out, in] -> burn [in, out].
-        let weight = self
-            .tensor(&format!("{prefix}.weight"), [d_out, d_in])?
-            .transpose();
+        let weight = self.tensor_transposed(&format!("{prefix}.weight"), [d_out, d_in])?;
         let bias = if bias {
             Some(Param::from_tensor(
                 self.tensor(&format!("{prefix}.bias"), [d_out])?,

@@ -778,8 +778,21 @@ pub fn load_adapters(model: Qwen, dir: &Path) -> Result<Qwen, Error> {
             }
             let values = decode(&view, &weights, &name)?;
             unused.remove(&name);
-            // PyTorch layout -> burn layout.
-            Ok(Tensor::<2>::from_data(TensorData::new(values, shape), device).transpose())
+            // PyTorch layout -> burn layout, materialised: a fresh adapter is a contiguous
+            // `[in, r]` / `[r, out]` tensor, and a transposed view can take another matmul path
+            // with another summation order, which would make a resumed run drift from an
+            // uninterrupted one in the last bits.
+            let [rows, cols] = shape;
+            let mut transposed = vec![0.0f32; values.len()];
+            for r in 0..rows {
+                for c in 0..cols {
+                    transposed[c * rows + r] = values[r * cols + c];
+                }
+            }
+            Ok(Tensor::<2>::from_data(
+                TensorData::new(transposed, [cols, rows]),
+                device,
+            ))
         };
 
     let mut layers = Vec::with_capacity(chosen.len());
