@@ -2,14 +2,15 @@
 //! the crate's chunked `kd_loss` against a plain autodiff version that materialises every
 //! intermediate at full size.
 //!
-//!     cargo bench -p kd-loss --bench rkl_memory -- [positions] [vocab] [chunk_positions]
+//!     cargo bench -p kd-loss --bench rkl_memory -- [positions] [vocab] [chunk_positions] [variants]
 //!
-//! (defaults 1024 151936 256). Each variant runs in its own child process (this executable,
-//! re-run with `--child <mode>`), and the child reports the kernel's peak resident set
-//! (`VmHWM` in `/proc/self/status`), so one variant's freed-but-cached memory cannot inflate
-//! another's. `inputs` only builds the two logit tensors, marks the student as requiring a
-//! gradient and reads them back; subtracting its peak gives what each loss adds on top of its
-//! inputs. Linux only.
+//! (defaults 1024 151936 256 full,chunked; `inputs` always runs first). Naming one variant lets
+//! a size whose `full` run would not fit in memory still measure `chunked`. Each variant runs
+//! in its own child process (this executable, re-run with `--child <mode>`), and the child
+//! reports the kernel's peak resident set (`VmHWM` in `/proc/self/status`), so one variant's
+//! freed-but-cached memory cannot inflate another's. `inputs` only builds the two logit
+//! tensors, marks the student as requiring a gradient and reads them back; subtracting its
+//! peak gives what each loss adds on top of its inputs. Linux only.
 #![allow(clippy::print_stdout)] // a benchmark's report is its stdout
 
 use std::process::Command;
@@ -33,6 +34,12 @@ fn main() {
     let positions = arg(&args, 0, 1024);
     let vocab = arg(&args, 1, 151_936);
     let chunk = arg(&args, 2, 256);
+    let chosen = args.get(3).map_or("full,chunked", String::as_str);
+    let modes: Vec<&str> = MODES
+        .iter()
+        .copied()
+        .filter(|m| *m == "inputs" || chosen.split(',').any(|c| c == *m))
+        .collect();
     let buffer_mb = (positions * vocab * 4) as f64 / 1e6;
     let exe = std::env::current_exe().expect("own path");
     println!(
@@ -42,7 +49,7 @@ fn main() {
     println!("| variant | time (s) | peak RSS (MB) | above inputs (MB) | above inputs (buffers) |");
     println!("| --- | ---: | ---: | ---: | ---: |");
     let mut base = None;
-    for mode in MODES {
+    for mode in modes {
         let out = Command::new(&exe)
             .args([
                 "--child",

@@ -75,11 +75,13 @@ pub(crate) fn cross_entropy_weighted(
     Ok(run_chunked(
         logits,
         weights,
+        None,
         chunk_positions,
         1.0,
         1.0,
-        |rows, start, len| {
-            let ls = log_softmax(rows, 1);
+        |chunk| {
+            let (start, len) = (chunk.start, chunk.len);
+            let ls = log_softmax(chunk.student, 1);
             // [len, 1]
             let target = targets.clone().narrow(0, start, len).unsqueeze_dim::<2>(1);
             let value = ls.clone().gather(1, target.clone()).neg().squeeze_dim(1);

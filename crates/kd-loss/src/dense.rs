@@ -70,18 +70,13 @@ pub fn kd_loss_weighted(
     check_len("weights", weights.dims()[0], positions)?;
     let weights = upcast(weights.inner());
 
-    // The teacher is a constant: off the graph, f32, cut to the student's vocabulary, masked
-    // rows zero-filled like the student's.
+    // The teacher is a constant: off the graph, f32, cut to the student's vocabulary. It is
+    // handed to the engine as scratch: the engine zero-fills its masked rows chunk by chunk and
+    // writes the gradient over the rows already used (see `run_chunked`).
     let mut teacher = upcast(teacher.inner());
     if teacher_vocab > vocab {
         teacher = teacher.narrow(1, 0, vocab);
     }
-    let drop_rows = weights
-        .clone()
-        .equal_elem(0.0)
-        .unsqueeze_dim::<2>(1)
-        .expand([positions, vocab]);
-    let teacher = teacher.mask_fill(drop_rows, 0.0);
 
     let t = cfg.temperature;
     let factor = if cfg.t_squared { t * t } else { 1.0 };
@@ -89,12 +84,14 @@ pub fn kd_loss_weighted(
     Ok(run_chunked(
         student,
         weights,
+        Some(teacher),
         cfg.chunk_positions,
         factor,
         factor / t,
-        |rows, start, len| {
-            let ls = log_softmax(rows.div_scalar(t), 1);
-            let lt = log_softmax(teacher.clone().narrow(0, start, len).div_scalar(t), 1);
+        |chunk| {
+            let ls = log_softmax(chunk.student.div_scalar(t), 1);
+            let teacher = chunk.scratch.expect("the teacher is the scratch tensor");
+            let lt = log_softmax(teacher.div_scalar(t), 1);
             divergence_chunk(ls, lt, divergence)
         },
     ))

@@ -84,13 +84,15 @@ pub fn sparse_kd_loss(
     Ok(run_chunked(
         student,
         weights,
+        None,
         cfg.chunk_positions,
         factor,
         factor / t,
-        |rows, start, len| {
+        |chunk| {
+            let (start, len) = (chunk.start, chunk.len);
             let ids = ids.clone().narrow(0, start, len);
             let lt_top = log_probs.clone().narrow(0, start, len);
-            let ls = log_softmax(rows.div_scalar(t), 1);
+            let ls = log_softmax(chunk.student.div_scalar(t), 1);
 
             // 1. Which vocabulary entries are cached ([len, vocab]).
             let device = ls.device();

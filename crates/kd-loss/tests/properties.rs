@@ -208,6 +208,53 @@ fn vocabulary_padding_with_neg_inf_changes_nothing() {
     }
 }
 
+/// The engine writes the gradient over the teacher's rows once they are used; a teacher the
+/// caller still holds (here: a clone, equal or wider, with masked rows) must come back
+/// untouched, and the loss must not depend on whether the teacher was shared.
+#[test]
+fn a_teacher_the_caller_keeps_is_left_untouched() {
+    let mut rng = Rng(7);
+    let [positions, vocab] = [7, 13];
+    let keep = [true, false, true, true, false, true, true];
+    for teacher_vocab in [vocab, vocab + 3] {
+        let student = rng.normal(positions * vocab, 2.0);
+        let teacher = rng.normal(positions * teacher_vocab, 2.0);
+        for divergence in DIVERGENCES {
+            let cfg = cfg(divergence, 1.0, Reduction::TokenMean);
+            let device = Device::flex().autodiff();
+            let run = |shared: bool| {
+                let s = tensor(student.clone(), [positions, vocab], &device).require_grad();
+                let t = tensor(
+                    teacher.clone(),
+                    [positions, teacher_vocab],
+                    &device.clone().inner(),
+                )
+                .autodiff();
+                let kept = shared.then(|| t.clone());
+                let loss =
+                    kd_loss(s.clone(), t, Some(mask(&keep, &device)), &cfg).expect("valid inputs");
+                let grads = loss.backward();
+                let grad = s.grad(&grads).expect("gradient").into_data();
+                let after = kept.map(|k| k.into_data().try_to_vec::<f32>().expect("f32"));
+                (
+                    loss.into_scalar::<f32>(),
+                    grad.try_to_vec::<f32>().expect("f32"),
+                    after,
+                )
+            };
+            let (value, grad, after) = run(true);
+            assert_eq!(
+                after,
+                Some(teacher.clone()),
+                "{divergence:?}: the caller's teacher changed"
+            );
+            let (value_owned, grad_owned, _) = run(false);
+            assert_eq!(value, value_owned, "{divergence:?}");
+            assert_eq!(grad, grad_owned, "{divergence:?}");
+        }
+    }
+}
+
 #[test]
 fn micro_batches_with_items_equal_one_batch() {
     let mut rng = Rng(4);
