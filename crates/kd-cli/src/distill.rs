@@ -1,7 +1,5 @@
 //! `kd distill`: data → teacher → KD student and baseline student → evaluation → report.
 
-use std::fs::File;
-use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -12,7 +10,10 @@ use kd_imdb::prompt::PromptBuilder;
 use kd_imdb::{Example, Review, ValSize, balanced_sample, read_aclimdb_archive, stratified_split};
 use kd_infer::{EvalReport, LabelScores, evaluate};
 use kd_qwen::{Qwen, load_checkpoint, save_checkpoint};
-use kd_train::{Objective, StepMetrics, TrainSummary, inference_copy, train};
+use kd_train::{
+    Fingerprint, Objective, RunOptions, StepMetrics, TeacherCache, TrainSummary, Validation,
+    checkpoint_sha256, inference_copy, sha256_file, template_sha256, train,
+};
 use serde::Serialize;
 use tracing::info;
 
@@ -50,11 +51,22 @@ pub struct DistillArgs {
     /// Never download: use only the local mirror (`KD_MIRROR`) and the cache.
     #[arg(long)]
     pub offline: bool,
+    /// Continue the run in `--out DIR`: finished models are loaded, an interrupted one
+    /// resumes from its newest checkpoint.
+    #[arg(long, requires = "out")]
+    pub resume: bool,
     /// Use this checkpoint folder (Hugging Face layout, e.g. a fine-tuned Qwen3-4B or the
     /// `checkpoints/teacher` of an earlier run) as the teacher instead of training one. It
     /// must share the student's tokenizer.
     #[arg(long, value_name = "DIR")]
     pub teacher: Option<PathBuf>,
+    /// Distil the KD student from a teacher cache written by `kd cache-teacher` (top-k
+    /// log-probabilities) instead of running a teacher. The cache must have been built with
+    /// this run's tokenizer, prompt template, `max_len` and temperature. With `--teacher`
+    /// too, that checkpoint must be the cache's teacher, and it is evaluated for the report
+    /// (never run during training); without, no teacher is trained or evaluated.
+    #[arg(long, value_name = "DIR")]
+    pub teacher_cache: Option<PathBuf>,
 }
 
 fn parse_steps(s: &str) -> Result<(usize, usize), String> {
@@ -75,9 +87,16 @@ struct Report {
     val_examples: usize,
     test_examples: usize,
     truncated_train_fraction: f64,
-    teacher_params: usize,
+    /// `None` when the KD student learned from a cache and no teacher was given.
+    teacher_params: Option<usize>,
     student_params: usize,
-    teacher: ModelReport,
+    /// Where the KD targets came from: `trained`, `loaded <dir>` or `cache <dir>`.
+    teacher_source: String,
+    /// The teacher cache, when the KD student learned from one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    teacher_cache: Option<CacheReport>,
+    /// `None` when the KD student learned from a cache and no teacher was given.
+    teacher: Option<ModelReport>,
     kd_student: ModelReport,
     baseline_student: ModelReport,
     /// KD student's test accuracy minus the baseline's, in points.
@@ -88,6 +107,18 @@ struct Report {
     mcnemar_p: f64,
     phase_seconds: Vec<(String, f64)>,
     total_seconds: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct CacheReport {
+    path: PathBuf,
+    k: usize,
+    /// Supervised positions cached (over the whole training set).
+    rows: usize,
+    /// Payload bytes per supervised token (`6 k`: a u32 id and an f16 log-probability each).
+    payload_bytes_per_supervised_token: usize,
+    /// Size of the cache folder divided by the cached supervised tokens.
+    file_bytes_per_supervised_token: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -113,25 +144,16 @@ pub fn run(args: DistillArgs) -> Result<()> {
         .with_context(|| format!("writing {}/config.toml", out.display()))?;
     info!(out = %out.display(), preset = preset.name, "run folder");
     let mut phases: Vec<(String, f64)> = Vec::new();
-    let mut metrics =
-        BufWriter::new(File::create(out.join("metrics.jsonl")).context("creating metrics.jsonl")?);
 
     // 1. Data: resolve the files, read the archive, sample and split.
     let t = Instant::now();
-    let asset_options = AssetOptions {
-        offline: args.offline,
-        ..AssetOptions::from_env()
-    };
-    let archive = resolve(Asset::ImdbArchive, &asset_options)?;
-    let tokenizer = resolve(Asset::QwenTokenizer, &asset_options)?;
-    info!(archive = %archive.display(), tokenizer = %tokenizer.display(), "inputs");
-    let corpus = spinner("reading aclImdb", || read_aclimdb_archive(&archive))?;
+    let Reviews {
+        tokenizer,
+        train: train_reviews,
+        val: val_reviews,
+        test: test_reviews,
+    } = Reviews::draw(&preset, args.offline)?;
     let d = &preset.data;
-    let pool = balanced_sample(&corpus.train, d.train_size + d.val_size, d.seed)?;
-    let (train_reviews, val_reviews) = stratified_split(&pool, ValSize::Count(d.val_size), d.seed)?;
-    // Test reviews come only from the aclImdb test split.
-    let test_reviews = balanced_sample(&corpus.test, d.test_size, d.seed)?;
-    drop(corpus);
 
     // 2. Tokenise: training examples carry the answer; evaluation prompts stop before it.
     let builder = PromptBuilder::new(&tokenizer, d.max_len)?;
@@ -140,6 +162,7 @@ pub fn run(args: DistillArgs) -> Result<()> {
     let test_prompts = encode(&builder, &test_reviews, false, "tokenising test")?;
     let val_labels: Vec<usize> = val_reviews.iter().map(|r| r.label.index()).collect();
     let test_labels: Vec<usize> = test_reviews.iter().map(|r| r.label.index()).collect();
+    let train_ids: Vec<String> = train_reviews.iter().map(|r| r.id.clone()).collect();
     let truncated = train_examples.iter().filter(|e| e.truncated).count();
     let (label_ids, pad_id) = (builder.label_token_ids(), builder.pad_id());
     phases.push(("data".into(), t.elapsed().as_secs_f64()));
@@ -187,34 +210,69 @@ pub fn run(args: DistillArgs) -> Result<()> {
 
     // 3. Teacher: loaded, or trained from scratch with cross-entropy on the labels.
     let t = Instant::now();
-    let (teacher, teacher_summary) = match &args.teacher {
-        Some(dir) => {
+    let validation = || Validation {
+        prompts: &val_prompts,
+        labels: &val_labels,
+        label_ids,
+        batch_size: preset.eval.batch_size,
+        device: device.clone(),
+    };
+    let cached = match &args.teacher_cache {
+        Some(dir) => Some(open_cache(
+            dir,
+            &tokenizer,
+            d.max_len,
+            preset.distill.temperature,
+            args.teacher.as_deref(),
+        )?),
+        None => None,
+    };
+    let (teacher, teacher_summary) = match (&args.teacher, &cached) {
+        (Some(dir), _) => {
             let teacher = load_checkpoint(dir, &device)?;
             info!(teacher = %dir.display(), params = teacher.config().num_params(), "teacher loaded");
-            (teacher, None)
+            (Some(teacher), None)
         }
-        None => {
-            train_device.seed(preset.teacher.train.seed);
-            let teacher = Qwen::new(&preset.teacher.qwen_config(), &train_device);
-            let (teacher, summary) = train_phase(
-                "teacher",
-                teacher,
-                &train_examples,
-                pad_id,
-                &preset.teacher.train,
-                &Objective::Labels,
-                &mut metrics,
-            )?;
-            let teacher = inference_copy(&teacher);
-            save_checkpoint(&teacher, &out.join("checkpoints/teacher"))?;
-            (teacher, Some(summary))
-        }
+        (None, Some(_)) => (None, None),
+        (None, None) => match finished_phase(&out, "teacher", &device)? {
+            Some((teacher, summary)) if args.resume => (Some(teacher), Some(summary)),
+            _ => {
+                train_device.seed(preset.teacher.train.seed);
+                let teacher = Qwen::new(&preset.teacher.qwen_config(), &train_device);
+                let (teacher, summary) = train_phase(
+                    "teacher",
+                    teacher,
+                    &train_examples,
+                    pad_id,
+                    &preset.teacher.train,
+                    &Objective::Labels,
+                    &out.join("train/teacher"),
+                    args.resume,
+                    Some(validation()),
+                )?;
+                let teacher = inference_copy(&teacher);
+                finish_phase(&out, "teacher", &teacher, &summary)?;
+                (Some(teacher), Some(summary))
+            }
+        },
     };
-    let teacher_cfg = teacher.config().clone();
+    let teacher_params = teacher.as_ref().map(|t| t.config().num_params());
     phases.push(("teacher".into(), t.elapsed().as_secs_f64()));
     let t = Instant::now();
-    let (teacher_val, teacher_test, _) = evaluate_both(&teacher, "teacher")?;
+    let teacher_report = match &teacher {
+        Some(teacher) => {
+            let (val, test, _) = evaluate_both(teacher, "teacher")?;
+            Some(ModelReport {
+                train: teacher_summary,
+                val,
+                test,
+            })
+        }
+        None => None,
+    };
     phases.push(("teacher_eval".into(), t.elapsed().as_secs_f64()));
+    // With a cache the teacher only served the report: free it before the students train.
+    let teacher = if cached.is_some() { None } else { teacher };
 
     // 4. Students: same shape, seed, data and steps; one distilled, one on labels alone.
     let student_cfg = preset.student.qwen_config();
@@ -223,32 +281,59 @@ pub fn run(args: DistillArgs) -> Result<()> {
         .unwrap_or(train_examples.len())
         .min(train_examples.len())];
     let kd = preset.distill.kd_config()?;
+    let aligned = match &cached {
+        Some((cache, _)) => Some(
+            cache
+                .aligned(&train_ids[..student_examples.len()], student_examples)
+                .with_context(|| {
+                    format!(
+                        "teacher cache {}",
+                        args.teacher_cache.as_deref().unwrap_or(Path::new("")).display()
+                    )
+                })?,
+        ),
+        None => None,
+    };
+    let kd_objective = match (&aligned, &teacher) {
+        (Some(cache), _) => Objective::CachedTeacher {
+            cache,
+            kd: kd.clone(),
+            alpha: preset.distill.alpha,
+        },
+        (None, Some(teacher)) => Objective::Distill {
+            teacher,
+            kd: kd.clone(),
+            alpha: preset.distill.alpha,
+        },
+        (None, None) => anyhow::bail!("no teacher and no teacher cache"),
+    };
     let mut students = Vec::new();
     for (name, objective) in [
-        (
-            "kd_student",
-            Objective::Distill {
-                teacher: &teacher,
-                kd: kd.clone(),
-                alpha: preset.distill.alpha,
-            },
-        ),
+        ("kd_student", kd_objective),
         ("baseline_student", Objective::Labels),
     ] {
         let t = Instant::now();
-        train_device.seed(preset.student.train.seed);
-        let student = Qwen::new(&student_cfg, &train_device);
-        let (student, summary) = train_phase(
-            name,
-            student,
-            student_examples,
-            pad_id,
-            &preset.student.train,
-            &objective,
-            &mut metrics,
-        )?;
-        let student = inference_copy(&student);
-        save_checkpoint(&student, &out.join("checkpoints").join(name))?;
+        let (student, summary) = match finished_phase(&out, name, &device)? {
+            Some(done) if args.resume => done,
+            _ => {
+                train_device.seed(preset.student.train.seed);
+                let student = Qwen::new(&student_cfg, &train_device);
+                let (student, summary) = train_phase(
+                    name,
+                    student,
+                    student_examples,
+                    pad_id,
+                    &preset.student.train,
+                    &objective,
+                    &out.join("train").join(name),
+                    args.resume,
+                    Some(validation()),
+                )?;
+                let student = inference_copy(&student);
+                finish_phase(&out, name, &student, &summary)?;
+                (student, summary)
+            }
+        };
         phases.push((format!("{name}_train"), t.elapsed().as_secs_f64()));
         let t = Instant::now();
         let (val, test, scores) = evaluate_both(&student, name)?;
@@ -262,7 +347,7 @@ pub fn run(args: DistillArgs) -> Result<()> {
             scores,
         ));
     }
-    metrics.flush()?;
+    combine_metrics(&out, &["teacher", "kd_student", "baseline_student"])?;
     let (baseline, baseline_scores) = students.pop().context("baseline student missing")?;
     let (kd_student, kd_scores) = students.pop().context("KD student missing")?;
 
@@ -284,25 +369,36 @@ pub fn run(args: DistillArgs) -> Result<()> {
         val_examples: val_prompts.len(),
         test_examples: test_prompts.len(),
         truncated_train_fraction: truncated as f64 / train_examples.len().max(1) as f64,
-        teacher_params: teacher_cfg.num_params(),
+        teacher_params,
         student_params: student_cfg.num_params(),
+        teacher_source: match (&args.teacher_cache, &args.teacher) {
+            (Some(dir), _) => format!("cache {}", dir.display()),
+            (None, Some(dir)) => format!("loaded {}", dir.display()),
+            (None, None) => "trained".into(),
+        },
+        teacher_cache: cached.as_ref().map(|(_, r)| CacheReport {
+            path: r.path.clone(),
+            k: r.k,
+            rows: r.rows,
+            payload_bytes_per_supervised_token: r.payload_bytes_per_supervised_token,
+            file_bytes_per_supervised_token: r.file_bytes_per_supervised_token,
+        }),
         kd_gain_points: 100.0 * (kd_student.test.accuracy - baseline.test.accuracy),
         discordant,
         mcnemar_p: mcnemar_exact(discordant.0, discordant.1),
-        teacher: ModelReport {
-            train: teacher_summary,
-            val: teacher_val,
-            test: teacher_test,
-        },
+        teacher: teacher_report,
         kd_student,
         baseline_student: baseline,
         phase_seconds: phases,
         total_seconds: started.elapsed().as_secs_f64(),
     };
     write_report(&out, &report)?;
+    let teacher_acc = report
+        .teacher
+        .as_ref()
+        .map_or("not evaluated".into(), |t| format!("{:.1}%", 100.0 * t.test.accuracy));
     let line = format!(
-        "teacher {:.1}% · KD student {:.1}% · baseline student {:.1}% on {} test reviews ({:.0} s) → {}",
-        100.0 * report.teacher.test.accuracy,
+        "teacher {teacher_acc} · KD student {:.1}% · baseline student {:.1}% on {} test reviews ({:.0} s) → {}",
         100.0 * report.kd_student.test.accuracy,
         100.0 * report.baseline_student.test.accuracy,
         report.test_examples,
@@ -312,6 +408,40 @@ pub fn run(args: DistillArgs) -> Result<()> {
     info!("{line}");
     eprintln!("{line}");
     Ok(())
+}
+
+/// The reviews of a run, drawn from the IMDB archive as the preset says, and the tokenizer.
+/// `kd cache-teacher` draws through here too, so its cache holds exactly the training
+/// examples `kd distill` trains on.
+pub(crate) struct Reviews {
+    pub tokenizer: PathBuf,
+    pub train: Vec<Review>,
+    pub val: Vec<Review>,
+    pub test: Vec<Review>,
+}
+
+impl Reviews {
+    pub(crate) fn draw(preset: &Preset, offline: bool) -> Result<Self> {
+        let asset_options = AssetOptions {
+            offline,
+            ..AssetOptions::from_env()
+        };
+        let archive = resolve(Asset::ImdbArchive, &asset_options)?;
+        let tokenizer = resolve(Asset::QwenTokenizer, &asset_options)?;
+        info!(archive = %archive.display(), tokenizer = %tokenizer.display(), "inputs");
+        let corpus = spinner("reading aclImdb", || read_aclimdb_archive(&archive))?;
+        let d = &preset.data;
+        let pool = balanced_sample(&corpus.train, d.train_size + d.val_size, d.seed)?;
+        let (train, val) = stratified_split(&pool, ValSize::Count(d.val_size), d.seed)?;
+        // Test reviews come only from the aclImdb test split.
+        let test = balanced_sample(&corpus.test, d.test_size, d.seed)?;
+        Ok(Self {
+            tokenizer,
+            train,
+            val,
+            test,
+        })
+    }
 }
 
 fn apply_overrides(preset: &mut Preset, args: &DistillArgs) {
@@ -362,31 +492,128 @@ fn train_phase(
     pad_id: u32,
     config: &kd_train::TrainConfig,
     objective: &Objective<'_>,
-    metrics: &mut impl Write,
+    dir: &Path,
+    resume: bool,
+    validation: Option<Validation<'_>>,
 ) -> Result<(Qwen, TrainSummary)> {
     with_bar(&format!("train {name}"), config.steps, |bar| {
-        let mut write_err = None;
-        let out = train(
-            model,
-            examples,
-            pad_id,
-            config,
-            objective,
-            &mut |m: &StepMetrics| {
-                bar.set_position(m.step as u64);
-                bar.set_message(format!("loss {:.4} · {:.0} tok/s", m.loss, m.tokens_per_s));
-                let line = serde_json::json!({ "phase": name, "metrics": m });
-                // One flushed line per step: a crash loses nothing already reported.
-                if let Err(e) = writeln!(metrics, "{line}").and_then(|()| metrics.flush()) {
-                    write_err.get_or_insert(e);
-                }
-            },
-        )?;
-        if let Some(e) = write_err {
-            return Err(e).context("writing metrics.jsonl");
-        }
-        Ok(out)
+        let mut on_step = |m: &StepMetrics| {
+            bar.set_position(m.step as u64);
+            let kd = m.kd.map(|k| format!(" (kd {k:.4})")).unwrap_or_default();
+            let val = m
+                .val_accuracy
+                .map(|a| format!(" · val {:.1}%", 100.0 * a))
+                .unwrap_or_default();
+            bar.set_message(format!(
+                "loss {:.4}{kd} · {:.0} tok/s{val}",
+                m.loss, m.tokens_per_s
+            ));
+        };
+        let run = RunOptions {
+            dir: Some(dir.to_path_buf()),
+            resume,
+            validation,
+            on_step: &mut on_step,
+        };
+        Ok(train(model, examples, pad_id, config, objective, run)?)
     })
+}
+
+/// Opens the teacher cache at `dir` for this run: tokenizer, template, `max_len` and
+/// temperature must be this run's; the teacher must be `teacher` when given (hashing it),
+/// else whatever teacher the cache names.
+fn open_cache(
+    dir: &Path,
+    tokenizer: &Path,
+    max_len: usize,
+    temperature: f64,
+    teacher: Option<&Path>,
+) -> Result<(TeacherCache, CacheReport)> {
+    let cached = TeacherCache::read_fingerprint(dir)?;
+    let teacher_sha256 = match teacher {
+        Some(dir) => spinner("hashing the teacher checkpoint", || checkpoint_sha256(dir))?,
+        None => cached.teacher_sha256.clone(),
+    };
+    let expected = Fingerprint {
+        tokenizer_sha256: sha256_file(tokenizer)?,
+        template_sha256: template_sha256(tokenizer)?,
+        max_len,
+        temperature,
+        teacher_sha256,
+    };
+    let cache = spinner("reading the teacher cache", || TeacherCache::open(dir, &expected))?;
+    let mut file_bytes = 0;
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        file_bytes += entry?.metadata()?.len();
+    }
+    let report = CacheReport {
+        path: dir.to_path_buf(),
+        k: cache.k(),
+        rows: cache.rows(),
+        payload_bytes_per_supervised_token: cache.bytes_per_supervised_token(),
+        file_bytes_per_supervised_token: file_bytes as f64 / cache.rows().max(1) as f64,
+    };
+    info!(
+        cache = %dir.display(),
+        k = report.k,
+        rows = report.rows,
+        bytes_per_token = report.file_bytes_per_supervised_token,
+        "teacher cache"
+    );
+    Ok((cache, report))
+}
+
+/// Writes `metrics.jsonl` at the top of the run folder: every phase's step lines (kept live
+/// under `train/<phase>/metrics.jsonl` while it trains), each wrapped as
+/// `{"phase": …, "metrics": {…}}`. A phase given by `--teacher` has no lines.
+fn combine_metrics(out: &Path, phases: &[&str]) -> Result<()> {
+    let mut combined = String::new();
+    for phase in phases {
+        let path = out.join("train").join(phase).join("metrics.jsonl");
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            continue;
+        };
+        for (i, line) in text.lines().enumerate() {
+            let metrics: serde_json::Value = serde_json::from_str(line)
+                .with_context(|| format!("{}:{}: not a JSON line", path.display(), i + 1))?;
+            combined.push_str(&serde_json::json!({ "phase": phase, "metrics": metrics }).to_string());
+            combined.push('\n');
+        }
+    }
+    let path = out.join("metrics.jsonl");
+    let tmp = path.with_extension("jsonl.partial");
+    std::fs::write(&tmp, combined).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+/// Saves a trained model to `checkpoints/<name>` and its summary beside its training records,
+/// which marks the phase as done for `--resume`.
+fn finish_phase(out: &Path, name: &str, model: &Qwen, summary: &TrainSummary) -> Result<()> {
+    save_checkpoint(model, &out.join("checkpoints").join(name))?;
+    let path = out.join("train").join(name).join("summary.json");
+    let tmp = path.with_extension("json.partial");
+    std::fs::write(&tmp, serde_json::to_string_pretty(summary)?)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+/// The model and summary of a phase an earlier run of this folder finished.
+fn finished_phase(
+    out: &Path,
+    name: &str,
+    device: &burn::tensor::Device,
+) -> Result<Option<(Qwen, TrainSummary)>> {
+    let path = out.join("train").join(name).join("summary.json");
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return Ok(None);
+    };
+    let summary: TrainSummary =
+        serde_json::from_str(&text).with_context(|| format!("reading {}", path.display()))?;
+    let model = load_checkpoint(&out.join("checkpoints").join(name), device)?;
+    info!(phase = name, "already trained; loaded");
+    Ok(Some((model, summary)))
 }
 
 fn with_bar<T>(what: &str, len: usize, f: impl FnOnce(&ProgressBar) -> Result<T>) -> Result<T> {
@@ -448,7 +675,7 @@ fn write_report(out: &Path, report: &Report) -> Result<()> {
     };
     let mut md = format!(
         "# kd distill — preset `{}`\n\n{} training reviews ({} seen by the students), {} validation, {} test (aclImdb test split, balanced).\n\
-         Teacher {} parameters, students {} parameters each.\n\n\
+         Teacher {} parameters ({}), students {} parameters each.{}\n\n\
          | model | test acc | val acc | final train loss | train tok/s | eval tok/s | train s |\n\
          |---|---|---|---|---|---|---|\n",
         report.preset,
@@ -456,10 +683,20 @@ fn write_report(out: &Path, report: &Report) -> Result<()> {
         report.student_train_examples,
         report.val_examples,
         report.test_examples,
-        report.teacher_params,
+        report
+            .teacher_params
+            .map_or("unknown".into(), |n| n.to_string()),
+        report.teacher_source,
         report.student_params,
+        report.teacher_cache.as_ref().map_or(String::new(), |c| format!(
+            " The KD student learned from the cache's top-{} log-probabilities: {} payload bytes \
+             ({:.1} bytes on disk) per supervised token.",
+            c.k, c.payload_bytes_per_supervised_token, c.file_bytes_per_supervised_token
+        )),
     );
-    md += &row("teacher", &report.teacher);
+    if let Some(teacher) = &report.teacher {
+        md += &row("teacher", teacher);
+    }
     md += &row("KD student", &report.kd_student);
     md += &row("baseline student (CE only)", &report.baseline_student);
     md += &format!(

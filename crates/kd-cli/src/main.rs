@@ -3,6 +3,7 @@
 //! Each subcommand lives in its own module; this file parses flags, installs logging and
 //! prints the error chain once.
 
+mod cache_cmd;
 mod data_cmd;
 mod device;
 mod distill;
@@ -43,6 +44,8 @@ enum Command {
     Predict(eval_cmd::PredictArgs),
     /// Write a weight-only int8/int4 copy of a checkpoint (dequantized on load).
     Quantize(eval_cmd::QuantizeArgs),
+    /// Run a teacher once over the training set and cache its top-k log-probabilities.
+    CacheTeacher(cache_cmd::CacheTeacherArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -65,6 +68,7 @@ fn main() -> std::process::ExitCode {
         Command::Eval(args) => eval_cmd::eval(args),
         Command::Predict(args) => eval_cmd::predict(args),
         Command::Quantize(args) => eval_cmd::quantize(args),
+        Command::CacheTeacher(args) => cache_cmd::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

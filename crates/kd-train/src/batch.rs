@@ -42,6 +42,9 @@ pub struct StepBatch {
     pub supervised: usize,
     /// Number of non-padding tokens in the batch.
     pub tokens: usize,
+    /// Indices of the batch's rows in the run's example list, when the caller knows them
+    /// (a teacher cache looks its rows up by them).
+    pub examples: Vec<usize>,
 }
 
 impl StepBatch {
@@ -58,7 +61,14 @@ impl StepBatch {
             targets: Tensor::from_data(TensorData::new(targets, [n]), device),
             supervised: n,
             tokens: batch.lengths.iter().sum(),
+            examples: Vec::new(),
         }
+    }
+
+    /// The same batch, recording which examples its rows are.
+    pub fn with_examples(mut self, examples: Vec<usize>) -> Self {
+        self.examples = examples;
+        self
     }
 
     /// The same batch on another device (the teacher's, say).
@@ -69,6 +79,7 @@ impl StepBatch {
             targets: self.targets.clone().to_device(device),
             supervised: self.supervised,
             tokens: self.tokens,
+            examples: self.examples.clone(),
         }
     }
 }
