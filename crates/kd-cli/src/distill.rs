@@ -67,6 +67,19 @@ pub struct DistillArgs {
     /// (never run during training); without, no teacher is trained or evaluated.
     #[arg(long, value_name = "DIR")]
     pub teacher_cache: Option<PathBuf>,
+    /// Also train a "step-by-step" student on a rationale CSV written by `kd rationales`:
+    /// every student review keeps its label-only example, and a review with a rationale adds
+    /// a second one that answers with the reasoning in the think block, then the label.
+    /// It is evaluated on labels only and reported beside the KD student.
+    #[arg(long, value_name = "CSV")]
+    pub rationales: Option<PathBuf>,
+    /// Weight of a rationale example relative to a label-only one (each example's tokens
+    /// share its weight, so a long rationale does not count more than a short one).
+    #[arg(long, default_value_t = 1.0, requires = "rationales")]
+    pub rationale_weight: f64,
+    /// Reasoning tokens kept per rationale example (the rest is cut).
+    #[arg(long, default_value_t = 128, requires = "rationales")]
+    pub rationale_tokens: usize,
 }
 
 fn parse_steps(s: &str) -> Result<(usize, usize), String> {
@@ -99,6 +112,9 @@ struct Report {
     teacher: Option<ModelReport>,
     kd_student: ModelReport,
     baseline_student: ModelReport,
+    /// The step-by-step student, with `--rationales`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rationale_student: Option<RationaleReport>,
     /// KD student's test accuracy minus the baseline's, in points.
     kd_gain_points: f64,
     /// Test reviews the KD student gets right and the baseline wrong, and the reverse.
@@ -107,6 +123,23 @@ struct Report {
     mcnemar_p: f64,
     phase_seconds: Vec<(String, f64)>,
     total_seconds: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct RationaleReport {
+    csv: PathBuf,
+    /// Rationale examples trained on (one per student review with a usable rationale).
+    examples: usize,
+    /// CSV rows skipped: flagged extractions (unclosed or no tags) and empty reasoning.
+    skipped_flagged: usize,
+    /// Mean supervised tokens per rationale example (reasoning after the cut, the closing
+    /// `</think>`, the label word and `<|im_end|>`).
+    mean_supervised_tokens: f64,
+    weight: f64,
+    /// Test accuracy minus the KD student's, in points.
+    minus_kd_points: f64,
+    #[serde(flatten)]
+    model: ModelReport,
 }
 
 #[derive(Debug, Serialize)]
@@ -288,7 +321,10 @@ pub fn run(args: DistillArgs) -> Result<()> {
                 .with_context(|| {
                     format!(
                         "teacher cache {}",
-                        args.teacher_cache.as_deref().unwrap_or(Path::new("")).display()
+                        args.teacher_cache
+                            .as_deref()
+                            .unwrap_or(Path::new(""))
+                            .display()
                     )
                 })?,
         ),
@@ -307,11 +343,44 @@ pub fn run(args: DistillArgs) -> Result<()> {
         },
         (None, None) => anyhow::bail!("no teacher and no teacher cache"),
     };
+    // The student's reviews by id, for `kd rationales --ids`.
+    let ids_path = out.join("student_ids.txt");
+    let mut ids_text =
+        String::from("# ids of the reviews the students train on (kd rationales --ids)\n");
+    for review in &train_reviews[..student_examples.len()] {
+        ids_text.push_str(&review.id);
+        ids_text.push('\n');
+    }
+    std::fs::write(&ids_path, ids_text)
+        .with_context(|| format!("writing {}", ids_path.display()))?;
+
+    // The step-by-step student's data: label-only examples, then rationale examples.
+    let rationale_data = match &args.rationales {
+        Some(csv) => Some(rationale_examples(
+            csv,
+            &builder,
+            &train_reviews[..student_examples.len()],
+            student_examples,
+            args.rationale_weight,
+            args.rationale_tokens,
+        )?),
+        None => None,
+    };
+    let mut plan: Vec<(&str, Objective<'_>, &[Example])> = vec![
+        ("kd_student", kd_objective, student_examples),
+        ("baseline_student", Objective::Labels, student_examples),
+    ];
+    if let Some(r) = &rationale_data {
+        plan.push((
+            "rationale_student",
+            Objective::WeightedLabels {
+                weights: &r.weights,
+            },
+            &r.examples,
+        ));
+    }
     let mut students = Vec::new();
-    for (name, objective) in [
-        ("kd_student", kd_objective),
-        ("baseline_student", Objective::Labels),
-    ] {
+    for (name, objective, examples) in plan {
         let t = Instant::now();
         let (student, summary) = match finished_phase(&out, name, &device)? {
             Some(done) if args.resume => done,
@@ -321,7 +390,7 @@ pub fn run(args: DistillArgs) -> Result<()> {
                 let (student, summary) = train_phase(
                     name,
                     student,
-                    student_examples,
+                    examples,
                     pad_id,
                     &preset.student.train,
                     &objective,
@@ -347,7 +416,19 @@ pub fn run(args: DistillArgs) -> Result<()> {
             scores,
         ));
     }
-    combine_metrics(&out, &["teacher", "kd_student", "baseline_student"])?;
+    combine_metrics(
+        &out,
+        &[
+            "teacher",
+            "kd_student",
+            "baseline_student",
+            "rationale_student",
+        ],
+    )?;
+    let rationale_student = match rationale_data {
+        Some(r) => Some((r, students.pop().context("rationale student missing")?.0)),
+        None => None,
+    };
     let (baseline, baseline_scores) = students.pop().context("baseline student missing")?;
     let (kd_student, kd_scores) = students.pop().context("KD student missing")?;
 
@@ -387,16 +468,24 @@ pub fn run(args: DistillArgs) -> Result<()> {
         discordant,
         mcnemar_p: mcnemar_exact(discordant.0, discordant.1),
         teacher: teacher_report,
+        rationale_student: rationale_student.map(|(r, model)| RationaleReport {
+            csv: r.csv,
+            examples: r.rationale_examples,
+            skipped_flagged: r.skipped_flagged,
+            mean_supervised_tokens: r.mean_supervised_tokens,
+            weight: args.rationale_weight,
+            minus_kd_points: 100.0 * (model.test.accuracy - kd_student.test.accuracy),
+            model,
+        }),
         kd_student,
         baseline_student: baseline,
         phase_seconds: phases,
         total_seconds: started.elapsed().as_secs_f64(),
     };
     write_report(&out, &report)?;
-    let teacher_acc = report
-        .teacher
-        .as_ref()
-        .map_or("not evaluated".into(), |t| format!("{:.1}%", 100.0 * t.test.accuracy));
+    let teacher_acc = report.teacher.as_ref().map_or("not evaluated".into(), |t| {
+        format!("{:.1}%", 100.0 * t.test.accuracy)
+    });
     let line = format!(
         "teacher {teacher_acc} · KD student {:.1}% · baseline student {:.1}% on {} test reviews ({:.0} s) → {}",
         100.0 * report.kd_student.test.accuracy,
@@ -519,6 +608,91 @@ fn train_phase(
     })
 }
 
+/// The step-by-step student's training set.
+struct RationaleData {
+    csv: PathBuf,
+    /// The label-only examples, then one rationale example per usable CSV row.
+    examples: Vec<Example>,
+    /// 1 for a label-only example, the rationale weight for a rationale example.
+    weights: Vec<f64>,
+    rationale_examples: usize,
+    skipped_flagged: usize,
+    mean_supervised_tokens: f64,
+}
+
+/// Builds the step-by-step training set from a `kd rationales` CSV: `label_examples` (of
+/// `reviews`, in order) plus a rationale example for every review the CSV explains. A row
+/// whose sentiment disagrees with the review's label is an error; rows for reviews outside
+/// the student's set are ignored.
+fn rationale_examples(
+    csv: &Path,
+    builder: &PromptBuilder,
+    reviews: &[Review],
+    label_examples: &[Example],
+    weight: f64,
+    max_tokens: usize,
+) -> Result<RationaleData> {
+    let rows = kd_infer::rationale::read_rationales(csv)?;
+    let by_id: std::collections::HashMap<&str, (usize, &kd_infer::rationale::RationaleRow)> = rows
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (r.id.as_str(), (i, r)))
+        .collect();
+    let mut examples = label_examples.to_vec();
+    let mut weights = vec![1.0; examples.len()];
+    let (mut skipped, mut supervised_tokens) = (0, 0);
+    for review in reviews {
+        let Some(&(i, row)) = by_id.get(review.id.as_str()) else {
+            continue;
+        };
+        if row.sentiment != review.label.word() {
+            anyhow::bail!(
+                "{}: row {} (id {}): sentiment `{}`, but the review's label is `{}`",
+                csv.display(),
+                i + 2, // 1-based, after the header line
+                row.id,
+                row.sentiment,
+                review.label.word()
+            );
+        }
+        if row.extraction.flagged() || row.reasoning.trim().is_empty() {
+            skipped += 1;
+            continue;
+        }
+        let example = builder.encode_with_rationale(review, &row.reasoning, max_tokens)?;
+        supervised_tokens += example
+            .labels
+            .iter()
+            .filter(|&&l| l != kd_imdb::IGNORE_INDEX)
+            .count();
+        examples.push(example);
+        weights.push(weight);
+    }
+    let rationale_examples = examples.len() - label_examples.len();
+    if rationale_examples == 0 {
+        anyhow::bail!(
+            "{}: no usable rationale for any of the {} student reviews ({skipped} flagged or \
+             empty); was it written for this preset's training set?",
+            csv.display(),
+            reviews.len()
+        );
+    }
+    info!(
+        csv = %csv.display(),
+        rationale_examples,
+        skipped,
+        "step-by-step training set"
+    );
+    Ok(RationaleData {
+        csv: csv.to_path_buf(),
+        examples,
+        weights,
+        rationale_examples,
+        skipped_flagged: skipped,
+        mean_supervised_tokens: supervised_tokens as f64 / rationale_examples as f64,
+    })
+}
+
 /// Opens the teacher cache at `dir` for this run: tokenizer, template, `max_len` and
 /// temperature must be this run's; the teacher must be `teacher` when given (hashing it),
 /// else whatever teacher the cache names.
@@ -541,7 +715,9 @@ fn open_cache(
         temperature,
         teacher_sha256,
     };
-    let cache = spinner("reading the teacher cache", || TeacherCache::open(dir, &expected))?;
+    let cache = spinner("reading the teacher cache", || {
+        TeacherCache::open(dir, &expected)
+    })?;
     let mut file_bytes = 0;
     for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
         file_bytes += entry?.metadata()?.len();
@@ -576,7 +752,8 @@ fn combine_metrics(out: &Path, phases: &[&str]) -> Result<()> {
         for (i, line) in text.lines().enumerate() {
             let metrics: serde_json::Value = serde_json::from_str(line)
                 .with_context(|| format!("{}:{}: not a JSON line", path.display(), i + 1))?;
-            combined.push_str(&serde_json::json!({ "phase": phase, "metrics": metrics }).to_string());
+            combined
+                .push_str(&serde_json::json!({ "phase": phase, "metrics": metrics }).to_string());
             combined.push('\n');
         }
     }
@@ -699,6 +876,23 @@ fn write_report(out: &Path, report: &Report) -> Result<()> {
     }
     md += &row("KD student", &report.kd_student);
     md += &row("baseline student (CE only)", &report.baseline_student);
+    if let Some(r) = &report.rationale_student {
+        md += &row("step-by-step student (rationales)", &r.model);
+    }
+    if let Some(r) = &report.rationale_student {
+        md += &format!(
+            "\nStep-by-step student: {} rationale examples from {} (weight {}, {:.0} supervised \
+             tokens each on average; {} flagged or empty rows skipped) beside the {} label-only \
+             ones; its test accuracy minus the KD student's: {:+.2} points.\n",
+            r.examples,
+            r.csv.display(),
+            r.weight,
+            r.mean_supervised_tokens,
+            r.skipped_flagged,
+            report.student_train_examples,
+            r.minus_kd_points
+        );
+    }
     md += &format!(
         "\nKD − baseline: {:+.2} points; discordant reviews {} (KD right) / {} (baseline right); \
          exact McNemar p = {:.3}.\n\n| phase | seconds |\n|---|---|\n",

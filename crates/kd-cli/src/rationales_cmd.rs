@@ -72,7 +72,12 @@ pub struct RationalesArgs {
     /// Longer reviews keep their first quarter and last three quarters of this many tokens.
     #[arg(long, default_value_t = 1024)]
     pub max_review_tokens: usize,
-    /// Only the first N reviews of the split (in file order).
+    /// Only the reviews whose ids are listed in this file (one per line; `#` comments and
+    /// blank lines ignored), e.g. the `student_ids.txt` a `kd distill` run writes, so that
+    /// exactly the student's training reviews are explained.
+    #[arg(long, value_name = "FILE")]
+    pub ids: Option<PathBuf>,
+    /// Only the first N reviews of the split (in file order; after `--ids`).
     #[arg(long)]
     pub limit: Option<usize>,
     /// Continue an existing output file, skipping the ids already in it.
@@ -126,6 +131,26 @@ pub fn run(args: RationalesArgs) -> Result<()> {
         SplitChoice::Test => corpus.test,
         SplitChoice::All => corpus.train.into_iter().chain(corpus.test).collect(),
     };
+    if let Some(path) = &args.ids {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading --ids {}", path.display()))?;
+        let wanted: std::collections::HashSet<&str> = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .collect();
+        reviews.retain(|r| wanted.contains(r.id.as_str()));
+        if reviews.len() < wanted.len() {
+            bail!(
+                "{}: {} of its {} ids are not in the {:?} split of {}",
+                path.display(),
+                wanted.len() - reviews.len(),
+                wanted.len(),
+                args.split,
+                args.input.display()
+            );
+        }
+    }
     if let Some(limit) = args.limit {
         reviews.truncate(limit);
     }

@@ -79,6 +79,12 @@ pub struct PromptBuilder {
     max_len: usize,
     prefix: Vec<u32>,
     suffix: Vec<u32>,
+    /// The suffix of a rationale example up to its reasoning: `…assistant\n<think>\n`.
+    think_open: Vec<u32>,
+    /// What follows the reasoning and its newline: `</think>\n\n`, then the answer.
+    think_close: Vec<u32>,
+    /// The token of a lone `\n`.
+    newline_id: u32,
     /// Per label index: the label word's tokens followed by `<|im_end|>`.
     answers: [Vec<u32>; 2],
     review_budget: usize,
@@ -129,6 +135,16 @@ impl PromptBuilder {
         let suffix = encode(&format!(
             "{IM_END}\n{IM_START}assistant\n<think>\n\n</think>\n\n"
         ))?;
+        let think_open = encode(&format!("{IM_END}\n{IM_START}assistant\n<think>\n"))?;
+        let think_close = encode("</think>\n\n")?;
+        let newline_id = match encode("\n")?.as_slice() {
+            [id] => *id,
+            other => {
+                return Err(tok_err(format!(
+                    "`\\n` encodes to {other:?}, not one token"
+                )));
+            }
+        };
         if prefix.first() != Some(&im_start_id) {
             return Err(tok_err(format!(
                 "`{IM_START}` is not parsed as a special token"
@@ -162,6 +178,9 @@ impl PromptBuilder {
             max_len,
             prefix,
             suffix,
+            think_open,
+            think_close,
+            newline_id,
             answers,
             review_budget: max_len - fixed,
             pad_id,
@@ -217,6 +236,69 @@ impl PromptBuilder {
             answer_pos,
             truncated,
             label,
+        })
+    }
+
+    /// A "rationale + label" training example (distilling step-by-step): the same user turn
+    /// as [`PromptBuilder::encode_review`], and as the assistant's answer the `reasoning`
+    /// inside the think block, then the label word:
+    ///
+    /// ```text
+    /// …Review: {review}<|im_end|>
+    /// <|im_start|>assistant
+    /// <think>
+    /// {reasoning}
+    /// </think>
+    ///
+    /// {label}<|im_end|>
+    /// ```
+    ///
+    /// Everything after `<think>\n` is supervised. The review is cut exactly as in
+    /// [`PromptBuilder::encode_review`]; the reasoning keeps its first `max_reasoning_tokens`
+    /// tokens, so the example can be up to that much longer than `max_len`. A label-only
+    /// example has an *empty* think block, and evaluation prompts end with that empty block,
+    /// so the two tasks are told apart by the think block alone.
+    pub fn encode_with_rationale(
+        &self,
+        review: &Review,
+        reasoning: &str,
+        max_reasoning_tokens: usize,
+    ) -> Result<Example> {
+        let base = self.encode_review(review, false)?;
+        let review_end = base.input_ids.len() - self.suffix.len();
+        // The newline before `</think>` goes with the reasoning: BPE merges it with the last
+        // word's punctuation (`.\n` is one token), as it does when the whole turn is encoded.
+        let encoding = self
+            .text
+            .encode_fast(format!("{}\n", reasoning.trim()).as_str(), false)
+            .map_err(|e| Error::Tokenizer {
+                path: self.path.clone(),
+                message: e.to_string(),
+            })?;
+        let reasoning = encoding.get_ids();
+        // A cut reasoning still ends on a newline before `</think>`.
+        let cut = reasoning.len() > max_reasoning_tokens + 1;
+        let reasoning = &reasoning[..reasoning.len().min(max_reasoning_tokens)];
+        let answer = &self.answers[review.label.index()];
+
+        let mut input_ids = base.input_ids[..review_end].to_vec();
+        input_ids.extend_from_slice(&self.think_open);
+        let supervised_from = input_ids.len();
+        input_ids.extend_from_slice(reasoning);
+        if cut {
+            input_ids.push(self.newline_id);
+        }
+        input_ids.extend_from_slice(&self.think_close);
+        let answer_pos = input_ids.len();
+        input_ids.extend_from_slice(answer);
+        let mut labels = vec![IGNORE_INDEX; supervised_from];
+        labels.extend(input_ids[supervised_from..].iter().map(|&id| i64::from(id)));
+        Ok(Example {
+            input_ids,
+            labels,
+            answer_pos,
+            truncated: base.truncated,
+            label: Some(review.label),
         })
     }
 
@@ -300,6 +382,56 @@ mod tests {
         assert_ne!(neg, pos);
         assert_eq!(b.decode(&[neg]).expect("decode"), "negative");
         assert_eq!(b.decode(&[pos]).expect("decode"), "positive");
+    }
+
+    #[test]
+    fn rationale_example_supervises_reasoning_and_answer_and_reads_back() {
+        let b = builder(256);
+        let review = Review {
+            id: "1_10".into(),
+            text: "A lovely film.".into(),
+            label: Sentiment::Positive,
+            rating: Some(10),
+        };
+        let ex = b
+            .encode_with_rationale(&review, "  The critic calls it lovely.\n", 64)
+            .expect("encode");
+        let plain = b.encode_review(&review, true).expect("encode");
+        // The user turn is the label-only example's, token for token.
+        let user_turn = plain.answer_pos - b.suffix.len();
+        assert_eq!(ex.input_ids[..user_turn], plain.input_ids[..user_turn]);
+        // The whole thing reads back as the chat turn, and the same string tokenized at once
+        // gives the same ids (the pieces meet at pre-tokenizer boundaries).
+        let text = b.decode(&ex.input_ids).expect("decode");
+        let expected_tail = "<|im_start|>assistant\n<think>\nThe critic calls it lovely.\n</think>\n\npositive<|im_end|>";
+        assert!(text.ends_with(expected_tail), "{text:?}");
+        let at_once = b
+            .template
+            .encode_fast(text.as_str(), false)
+            .expect("encode");
+        assert_eq!(at_once.get_ids(), ex.input_ids.as_slice());
+        // Supervised: exactly the tokens after `<think>\n`; the answer starts at answer_pos.
+        let first = ex
+            .labels
+            .iter()
+            .position(|&l| l != IGNORE_INDEX)
+            .expect("supervised");
+        let supervised = b.decode(&ex.input_ids[first..]).expect("decode");
+        assert_eq!(
+            supervised,
+            "The critic calls it lovely.\n</think>\n\npositive<|im_end|>"
+        );
+        assert!(ex.labels[first..].iter().all(|&l| l != IGNORE_INDEX));
+        assert_eq!(ex.input_ids[ex.answer_pos], b.label_token_ids()[1]);
+        // A reasoning budget of 2 keeps two reasoning tokens, then a newline closes it.
+        let short = b
+            .encode_with_rationale(&review, "The critic calls it lovely.", 2)
+            .expect("encode");
+        let text = b.decode(&short.input_ids).expect("decode");
+        assert!(
+            text.ends_with("<think>\nThe critic\n</think>\n\npositive<|im_end|>"),
+            "{text:?}"
+        );
     }
 
     #[test]

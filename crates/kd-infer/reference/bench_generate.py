@@ -6,9 +6,13 @@ PROMPT_LEN tokens, exactly NEW_TOKENS new tokens per row) in PyTorch, runs the R
 `bench_generate` on the same folder, and writes docs/bench-generate.md with both and an
 estimate of the 25,000 x 256-token rationale harvest with DeepSeek-R1-Distill-Qwen-1.5B.
 
-Run from the repository root:  /tmp/kdref/bin/python crates/kd-infer/reference/bench_generate.py
+Run from the repository root (venv from crates/kd-qwen/reference/requirements.txt):
+
+    /tmp/kdref/bin/python crates/kd-infer/reference/bench_generate.py            # both, writes doc
+    /tmp/kdref/bin/python crates/kd-infer/reference/bench_generate.py --hf-only  # HF JSON, no cargo
 """
 
+import argparse
 import json
 import os
 import subprocess
@@ -38,6 +42,10 @@ def matmul_params(c):
 
 
 def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--hf-only", action="store_true",
+                    help="time Hugging Face only, print JSON lines; no cargo, no doc rewrite")
+    args = ap.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count())
     config = Qwen3Config(
@@ -45,11 +53,7 @@ def main():
         num_hidden_layers=TINY["layers"], num_attention_heads=TINY["heads"],
         num_key_value_heads=TINY["kv"], head_dim=TINY["head_dim"], tie_word_embeddings=True,
         max_position_embeddings=4096, pad_token_id=0, eos_token_id=1, bos_token_id=1,
-
     )
-    # FIXME: with the transformers in /tmp/kdref this model fails in generate() (o_proj gets
-    # [64, 2048]: the "kernels" hub layer seems to override the head count); debug that, then
-    # this script regenerates docs/bench-generate.md with the HF column filled in.
     config._attn_implementation = "eager"  # as the parity generator does
     model = Qwen3ForCausalLM(config).eval()
     tmp = tempfile.mkdtemp(prefix="kd-bench-")
@@ -63,13 +67,24 @@ def main():
             mask = torch.ones_like(ids)
             kw = dict(attention_mask=mask, do_sample=False, max_new_tokens=NEW_TOKENS,
                       min_new_tokens=NEW_TOKENS, pad_token_id=0)
-            model.generate(ids[:1], **{**kw, "max_new_tokens": 2, "min_new_tokens": 2})
+            # Warm-up on one row, like the Rust side. Its mask must be sliced too: generate()
+            # does not check the mask's batch against the ids', and eager attention broadcasts a
+            # [batch, 1, L, L] mask over a 1-row query, so o_proj then gets [L, batch * hidden].
+            model.generate(ids[:1], **{**kw, "attention_mask": mask[:1], "max_new_tokens": 2,
+                                       "min_new_tokens": 2})
             start = time.perf_counter()
             out = model.generate(ids, **kw)
             secs = time.perf_counter() - start
+            assert out.shape == (batch, PROMPT_LEN + NEW_TOKENS), out.shape
             tokens = (out.shape[1] - PROMPT_LEN) * batch
             hf[batch] = tokens / secs
-            print(f"hf batch {batch}: {tokens / secs:.1f} tok/s", flush=True)
+            if args.hf_only:  # same JSON lines as the Rust example
+                print(json.dumps({"batch": batch, "tokens": tokens, "secs": round(secs, 4),
+                                  "tok_s": round(tokens / secs, 2)}), flush=True)
+            else:
+                print(f"hf batch {batch}: {tokens / secs:.1f} tok/s", flush=True)
+    if args.hf_only:
+        return
 
     result = subprocess.run(
         ["cargo", "run", "-q", "-p", "kd-infer", "--example", "bench_generate", "--",

@@ -4,7 +4,7 @@ use burn::tensor::activation::log_softmax;
 use burn::tensor::{IndexingUpdateOp, Int, Tensor};
 
 use crate::config::{DEFAULT_CHUNK_POSITIONS, LossError, Reduction, validate_reduction};
-use crate::core::{ChunkOut, position_weights, run_chunked};
+use crate::core::{ChunkOut, position_weights, run_chunked, upcast};
 use crate::dense::check_len;
 
 /// Target id that marks a position as ignored (PyTorch's and Hugging Face's convention).
@@ -45,6 +45,28 @@ pub fn try_cross_entropy(
     validate_reduction(reduction)?;
     let weights = ce_weights(&logits, &targets, reduction, None)?;
     cross_entropy_weighted(logits, targets, weights, chunk_positions)
+}
+
+/// Cross-entropy with explicit per-position weights instead of a reduction:
+/// `Σ_i weights[i] · (−log softmax(logits_i)[targets_i])`. A weight of 0, or a target of
+/// [`IGNORE_INDEX`], masks the position. This is how a multi-task run gives every example the
+/// same total weight whatever its number of supervised tokens.
+///
+/// # Shapes
+///
+/// - logits: `[positions, vocab]`, targets and weights: `[positions]`
+/// - output: `[1]`
+pub fn weighted_cross_entropy(
+    logits: Tensor<2>,
+    targets: Tensor<1, Int>,
+    weights: Tensor<1>,
+) -> Result<Tensor<1>, LossError> {
+    let [positions, _] = logits.dims();
+    check_len("targets", targets.dims()[0], positions)?;
+    check_len("weights", weights.dims()[0], positions)?;
+    let keep = targets.clone().inner().not_equal_elem(IGNORE_INDEX);
+    let weights = upcast(weights.inner()).mask_fill(keep.bool_not(), 0.0);
+    cross_entropy_weighted(logits, targets, weights, DEFAULT_CHUNK_POSITIONS)
 }
 
 pub(crate) fn ce_weights(

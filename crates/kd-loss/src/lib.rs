@@ -60,7 +60,7 @@ mod sparse;
 pub use batch::{
     cross_entropy_3d, kd_loss_3d, kd_loss_3d_masked, shift_for_next_token, shift_logits,
 };
-pub use ce::{IGNORE_INDEX, cross_entropy, try_cross_entropy};
+pub use ce::{IGNORE_INDEX, cross_entropy, try_cross_entropy, weighted_cross_entropy};
 pub use config::{DEFAULT_CHUNK_POSITIONS, Divergence, KdConfig, LossError, Reduction};
 pub use dense::{kd_loss, kd_loss_weighted};
 pub use sparse::{SparseTeacher, sparse_kd_loss};

@@ -3,6 +3,7 @@
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use kd_loss::{
     Divergence, KdConfig, LossError, Reduction, kd_loss, shift_for_next_token, try_cross_entropy,
+    weighted_cross_entropy,
 };
 
 /// Identical inputs: the divergence and its gradient are 0 up to f32 rounding.
@@ -405,4 +406,43 @@ fn shift_drops_last_logits_and_first_label() {
     let labels: Vec<f32> = labels.float().into_data().try_to_vec().expect("f32");
     assert_eq!(first, [0.0, 1.0, 2.0]);
     assert_eq!(labels, [10.0, 20.0, 30.0]);
+}
+
+#[test]
+fn weighted_cross_entropy_is_the_weighted_sum_of_per_position_values() {
+    // 5 positions, targets with one ignored. Per-position CE values come from `Sum` over a
+    // one-position slice; the weighted loss must be Σ w_i · CE_i over the kept ones.
+    let device = Device::flex();
+    let mut rng = Rng(7);
+    let (positions, vocab) = (5, 11);
+    let logits = rng.normal(positions * vocab, 2.0);
+    let targets: Vec<i64> = vec![3, -100, 0, 10, 7];
+    let weights: Vec<f32> = vec![0.5, 9.0, 0.25, 2.0, 0.0];
+    let logits_t = tensor(logits.clone(), [positions, vocab], &device);
+    let targets_t =
+        Tensor::<1, Int>::from_data(TensorData::new(targets.clone(), [positions]), &device);
+    let weights_t = Tensor::<1>::from_data(TensorData::new(weights.clone(), [positions]), &device);
+    let got: f32 = weighted_cross_entropy(logits_t, targets_t, weights_t)
+        .expect("valid")
+        .into_scalar();
+    let mut expected = 0.0f32;
+    for i in 0..positions {
+        if targets[i] < 0 {
+            continue; // ignored whatever its weight
+        }
+        let row = tensor(
+            logits[i * vocab..(i + 1) * vocab].to_vec(),
+            [1, vocab],
+            &device,
+        );
+        let target = Tensor::<1, Int>::from_data(TensorData::new(vec![targets[i]], [1]), &device);
+        let ce: f32 = try_cross_entropy(row, target, &Reduction::Sum, 1024)
+            .expect("valid")
+            .into_scalar();
+        expected += weights[i] * ce;
+    }
+    assert!(
+        (got - expected).abs() <= EQUAL_TOL * expected.abs().max(1.0),
+        "{got} vs {expected}"
+    );
 }

@@ -343,7 +343,10 @@ impl Reader<'_> {
         shape: [usize; D],
     ) -> Result<Tensor<D>, Error> {
         let values = self.values(name, &shape, false)?;
-        Ok(Tensor::from_data(TensorData::new(values, shape), self.device))
+        Ok(Tensor::from_data(
+            TensorData::new(values, shape),
+            self.device,
+        ))
     }
 
     /// Reads a 2-D `[rows, cols]` tensor and returns it transposed, `[cols, rows]`, stored

@@ -42,6 +42,8 @@ pub struct StepBatch {
     pub supervised: usize,
     /// Number of non-padding tokens in the batch.
     pub tokens: usize,
+    /// Supervised positions of each row, in row order (they sum to `supervised`).
+    pub row_supervised: Vec<usize>,
     /// Indices of the batch's rows in the run's example list, when the caller knows them
     /// (a teacher cache looks its rows up by them).
     pub examples: Vec<usize>,
@@ -52,6 +54,10 @@ impl StepBatch {
     pub fn new(batch: &Batch, device: &Device) -> Self {
         let (positions, targets) = supervised_positions(&batch.labels, batch.batch, batch.seq_len);
         let n = positions.len();
+        let mut row_supervised = vec![0; batch.batch];
+        for &p in &positions {
+            row_supervised[p as usize / batch.seq_len] += 1;
+        }
         Self {
             input_ids: Tensor::from_data(
                 TensorData::new(batch.input_ids.clone(), [batch.batch, batch.seq_len]),
@@ -61,6 +67,7 @@ impl StepBatch {
             targets: Tensor::from_data(TensorData::new(targets, [n]), device),
             supervised: n,
             tokens: batch.lengths.iter().sum(),
+            row_supervised,
             examples: Vec::new(),
         }
     }
@@ -79,6 +86,7 @@ impl StepBatch {
             targets: self.targets.clone().to_device(device),
             supervised: self.supervised,
             tokens: self.tokens,
+            row_supervised: self.row_supervised.clone(),
             examples: self.examples.clone(),
         }
     }

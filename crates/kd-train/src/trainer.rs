@@ -21,7 +21,9 @@ use burn::module::Module;
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::{Device, Tensor};
 use kd_imdb::{Example, IGNORE_INDEX, PadSide, collate};
-use kd_loss::{KdConfig, Reduction, cross_entropy, kd_loss, sparse_kd_loss};
+use kd_loss::{
+    KdConfig, Reduction, cross_entropy, kd_loss, sparse_kd_loss, weighted_cross_entropy,
+};
 use kd_qwen::{
     ADAPTER_CONFIG, ForwardOptions, Qwen, has_lora, load_adapters, load_checkpoint, save_adapters,
     save_checkpoint,
@@ -127,6 +129,14 @@ impl TrainConfig {
 pub enum Objective<'a> {
     /// Cross-entropy on the supervised tokens only.
     Labels,
+    /// Cross-entropy where every example's supervised tokens share that example's weight:
+    /// `Σ_e w_e · mean_t CE(e, t) / Σ_e w_e` over the examples of a step. A multi-task run
+    /// (label-only and rationale + label examples, "distilling step-by-step") weights its two
+    /// tasks this way, so that a rationale's hundred tokens do not drown a label's two.
+    WeightedLabels {
+        /// One weight per training example, in the order of `examples`.
+        weights: &'a [f64],
+    },
     /// `alpha * KD + (1 - alpha) * CE`, the KD term from a frozen teacher.
     Distill {
         /// The teacher, on a device without autodiff: it builds no graph.
@@ -292,6 +302,13 @@ pub fn train(
 ) -> Result<(Qwen, TrainSummary), Error> {
     if examples.is_empty() {
         return Err(Error::NoData);
+    }
+    if let Objective::WeightedLabels { weights } = objective {
+        assert_eq!(
+            weights.len(),
+            examples.len(),
+            "one weight per training example"
+        );
     }
     let RunOptions {
         dir,
@@ -529,10 +546,18 @@ pub fn step_gradients(
     let device = model.devices().into_iter().next().unwrap_or_default();
     let teacher_device: Option<Device> = match objective {
         Objective::Distill { teacher, .. } => teacher.devices().into_iter().next(),
-        Objective::Labels | Objective::CachedTeacher { .. } => None,
+        Objective::Labels | Objective::WeightedLabels { .. } | Objective::CachedTeacher { .. } => {
+            None
+        }
     };
     let supervised: usize = picked.iter().map(|&i| supervised_count(&examples[i])).sum();
-    let normalizer = supervised.max(1) as f64;
+    let normalizer = match objective {
+        Objective::WeightedLabels { weights } => {
+            let total: f64 = picked.iter().map(|&i| weights[i]).sum();
+            if total > 0.0 { total } else { 1.0 }
+        }
+        _ => supervised.max(1) as f64,
+    };
     let mut accumulator = GradientsAccumulator::<Qwen>::new();
     let (mut loss, mut ce, mut kd) = (0.0, 0.0, None::<f64>);
     let mut tokens = 0;
@@ -686,6 +711,25 @@ pub fn step_loss(
             ce,
             kd: None,
         }),
+        Objective::WeightedLabels { weights } => {
+            // Rows follow `batch.examples`; positions row by row (`supervised_positions`).
+            let mut per_position = Vec::with_capacity(batch.supervised);
+            for (row, &count) in batch.examples.iter().zip(&batch.row_supervised) {
+                let w = weights[*row] / count.max(1) as f64 / normalizer;
+                per_position.extend(std::iter::repeat_n(w as f32, count));
+            }
+            let n = per_position.len();
+            let weights = Tensor::<1>::from_data(
+                burn::tensor::TensorData::new(per_position, [n]),
+                &batch.targets.device(),
+            );
+            let ce = weighted_cross_entropy(logits, batch.targets.clone(), weights)?;
+            Ok(LossParts {
+                total: ce.clone(),
+                ce,
+                kd: None,
+            })
+        }
         Objective::Distill { teacher, kd, alpha } => {
             let student_device = logits.device();
             let teacher_batch = match teacher_device {

@@ -259,9 +259,15 @@ fn lora_run_killed_and_resumed_trains_only_the_adapters_and_equals_an_uninterrup
     // seeding, as `initial` does, so that both draw the same numbers.
     let untrained = params(&model(VOCAB, 11, &Device::flex().autodiff()));
     let trained_base = params(&base);
-    let first = trained_base.iter().zip(&untrained).position(|(a, b)| a != b);
+    let first = trained_base
+        .iter()
+        .zip(&untrained)
+        .position(|(a, b)| a != b);
     assert_eq!(trained_base.len(), untrained.len());
-    assert_eq!(first, None, "base weights changed, first at flat index {first:?}");
+    assert_eq!(
+        first, None,
+        "base weights changed, first at flat index {first:?}"
+    );
 }
 
 /// Straight run vs. a child killed half-way and resumed here; returns the resumed model.
@@ -370,6 +376,52 @@ fn kill_during_a_checkpoint_write_leaves_a_loadable_checkpoint() {
     assert!(!partial(&dir));
     let steps: Vec<usize> = losses(&dir).into_iter().map(|(s, _)| s).collect();
     assert_eq!(steps, (1..=STEPS).collect::<Vec<_>>());
+}
+
+#[test]
+fn weighted_labels_average_each_example_then_weight_the_examples() {
+    let _rng = rng_lock();
+    let device = Device::flex().autodiff();
+    let student = model(VOCAB, 4, &device);
+    // Six examples; the last three get extra supervised tokens (a "rationale"), so plain
+    // token-mean CE would weight them 2-4x more than the others.
+    let mut data = examples(6, VOCAB as u32);
+    for (extra, e) in data.iter_mut().skip(3).enumerate() {
+        for t in 1..=extra + 1 {
+            let p = e.answer_pos - t;
+            e.labels[p] = i64::from(e.input_ids[p]);
+        }
+    }
+    let weights = [1.0, 1.0, 1.0, 0.5, 0.5, 2.0];
+    // Each example's token-mean CE on its own (one example per step: Labels divides by its
+    // supervised tokens).
+    let mean_ce: Vec<f64> = (0..data.len())
+        .map(|i| {
+            step_gradients(&student, &data, &[i], PAD, 1, &Objective::Labels)
+                .unwrap()
+                .loss
+        })
+        .collect();
+    let expected: f64 = mean_ce
+        .iter()
+        .zip(&weights)
+        .map(|(m, w)| m * w)
+        .sum::<f64>()
+        / weights.iter().sum::<f64>();
+    let picked: Vec<usize> = (0..data.len()).collect();
+    let objective = Objective::WeightedLabels { weights: &weights };
+    // Whole batch and uneven micro-batches give the same value.
+    for micro in [6, 4, 1] {
+        let got = step_gradients(&student, &data, &picked, PAD, micro, &objective)
+            .unwrap()
+            .loss;
+        // f32 sums of a few terms, then f64 on top: 1e-6 relative.
+        const TOL: f64 = 1e-6;
+        assert!(
+            (got - expected).abs() <= TOL * expected.abs(),
+            "micro-batch {micro}: {got} vs {expected}"
+        );
+    }
 }
 
 #[test]
