@@ -4,12 +4,15 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
+use burn::module::Module;
 use indicatif::{ProgressBar, ProgressStyle};
 use kd_imdb::assets::{Asset, AssetOptions, resolve};
 use kd_imdb::prompt::PromptBuilder;
 use kd_imdb::{Example, Review, ValSize, balanced_sample, read_aclimdb_archive, stratified_split};
 use kd_infer::{EvalReport, LabelScores, evaluate};
-use kd_qwen::{Qwen, load_checkpoint, save_checkpoint};
+use kd_qwen::{
+    Qwen, attach_lora, has_lora, load_checkpoint, merge_lora, save_adapters, save_checkpoint,
+};
 use kd_train::{
     Fingerprint, Objective, RunOptions, StepMetrics, TeacherCache, TrainSummary, Validation,
     checkpoint_sha256, inference_copy, sha256_file, template_sha256, train,
@@ -60,6 +63,11 @@ pub struct DistillArgs {
     /// must share the student's tokenizer.
     #[arg(long, value_name = "DIR")]
     pub teacher: Option<PathBuf>,
+    /// Fine-tune the `--teacher` checkpoint on the training labels before distilling (all
+    /// weights, or LoRA adapters when the preset has a `[teacher.lora]` table), with the
+    /// preset's teacher optimisation settings.
+    #[arg(long, requires = "teacher", conflicts_with = "teacher_cache")]
+    pub finetune_teacher: bool,
     /// Distil the KD student from a teacher cache written by `kd cache-teacher` (top-k
     /// log-probabilities) instead of running a teacher. The cache must have been built with
     /// this run's tokenizer, prompt template, `max_len` and temperature. With `--teacher`
@@ -261,6 +269,30 @@ pub fn run(args: DistillArgs) -> Result<()> {
         None => None,
     };
     let (teacher, teacher_summary) = match (&args.teacher, &cached) {
+        (Some(dir), _) if args.finetune_teacher => {
+            match finished_phase(&out, "teacher", &device)? {
+                Some((teacher, summary)) if args.resume => (Some(teacher), Some(summary)),
+                _ => {
+                    let base = load_checkpoint(dir, &train_device)?;
+                    info!(teacher = %dir.display(), "fine-tuning the loaded teacher");
+                    let teacher = with_lora(base, preset.teacher.lora.as_ref())?;
+                    let (teacher, summary) = train_phase(
+                        "teacher",
+                        teacher,
+                        &train_examples,
+                        pad_id,
+                        &preset.teacher.train,
+                        &Objective::Labels,
+                        &out.join("train/teacher"),
+                        args.resume,
+                        Some(validation()),
+                    )?;
+                    let teacher =
+                        finish_phase(&out, "teacher", inference_copy(&teacher), &summary)?;
+                    (Some(teacher), Some(summary))
+                }
+            }
+        }
         (Some(dir), _) => {
             let teacher = load_checkpoint(dir, &device)?;
             info!(teacher = %dir.display(), params = teacher.config().num_params(), "teacher loaded");
@@ -272,6 +304,7 @@ pub fn run(args: DistillArgs) -> Result<()> {
             _ => {
                 train_device.seed(preset.teacher.train.seed);
                 let teacher = Qwen::new(&preset.teacher.qwen_config(), &train_device);
+                let teacher = with_lora(teacher, preset.teacher.lora.as_ref())?;
                 let (teacher, summary) = train_phase(
                     "teacher",
                     teacher,
@@ -283,8 +316,7 @@ pub fn run(args: DistillArgs) -> Result<()> {
                     args.resume,
                     Some(validation()),
                 )?;
-                let teacher = inference_copy(&teacher);
-                finish_phase(&out, "teacher", &teacher, &summary)?;
+                let teacher = finish_phase(&out, "teacher", inference_copy(&teacher), &summary)?;
                 (Some(teacher), Some(summary))
             }
         },
@@ -387,6 +419,7 @@ pub fn run(args: DistillArgs) -> Result<()> {
             _ => {
                 train_device.seed(preset.student.train.seed);
                 let student = Qwen::new(&student_cfg, &train_device);
+                let student = with_lora(student, preset.student.lora.as_ref())?;
                 let (student, summary) = train_phase(
                     name,
                     student,
@@ -398,8 +431,7 @@ pub fn run(args: DistillArgs) -> Result<()> {
                     args.resume,
                     Some(validation()),
                 )?;
-                let student = inference_copy(&student);
-                finish_phase(&out, name, &student, &summary)?;
+                let student = finish_phase(&out, name, inference_copy(&student), &summary)?;
                 (student, summary)
             }
         };
@@ -766,14 +798,51 @@ fn combine_metrics(out: &Path, phases: &[&str]) -> Result<()> {
 
 /// Saves a trained model to `checkpoints/<name>` and its summary beside its training records,
 /// which marks the phase as done for `--resume`.
-fn finish_phase(out: &Path, name: &str, model: &Qwen, summary: &TrainSummary) -> Result<()> {
-    save_checkpoint(model, &out.join("checkpoints").join(name))?;
+///
+/// A LoRA model's adapters are saved on their own (`checkpoints/<name>-lora`, PEFT layout) and
+/// merged into the weights of the checkpoint; the merged model is returned.
+fn finish_phase(out: &Path, name: &str, model: Qwen, summary: &TrainSummary) -> Result<Qwen> {
+    let model = if has_lora(&model) {
+        save_adapters(
+            &model,
+            &out.join("checkpoints").join(format!("{name}-lora")),
+        )?;
+        merge_lora(model)
+    } else {
+        model
+    };
+    save_checkpoint(&model, &out.join("checkpoints").join(name))?;
     let path = out.join("train").join(name).join("summary.json");
     let tmp = path.with_extension("json.partial");
     std::fs::write(&tmp, serde_json::to_string_pretty(summary)?)
         .with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
+    Ok(model)
+}
+
+/// `model` with fresh LoRA adapters when `lora` is set (its base frozen), else unchanged.
+fn with_lora(model: Qwen, lora: Option<&kd_qwen::LoraConfig>) -> Result<Qwen> {
+    let Some(config) = lora else {
+        return Ok(model);
+    };
+    // burn draws parameters lazily, on first use: draw the base's now, so that a seeded base
+    // is the same with and without adapters (the adapters draw after it).
+    let model = model.map(&mut Materialise);
+    info!(rank = config.rank, targets = ?config.targets, "LoRA adapters");
+    Ok(attach_lora(model, config)?)
+}
+
+/// Touches every parameter so that burn initialises it now.
+struct Materialise;
+
+impl burn::module::ModuleMapper for Materialise {
+    fn map_float<const D: usize>(
+        &mut self,
+        param: burn::module::Param<burn::tensor::Tensor<D>>,
+    ) -> burn::module::Param<burn::tensor::Tensor<D>> {
+        let _ = param.val();
+        param
+    }
 }
 
 /// The model and summary of a phase an earlier run of this folder finished.

@@ -4,7 +4,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 use kd_loss::{Divergence, KdConfig, Reduction};
-use kd_qwen::QwenConfig;
+use kd_qwen::{LoraConfig, QwenConfig};
 use kd_train::TrainConfig;
 use serde::{Deserialize, Serialize};
 
@@ -73,6 +73,12 @@ pub struct ModelSection {
     pub head_dim: usize,
     /// Optimisation.
     pub train: TrainConfig,
+    /// Train low-rank adapters instead of every weight (`[teacher.lora]`, `[student.lora]`:
+    /// `rank`, `alpha`, `dropout`, `targets` as in PEFT). Mostly for a loaded teacher
+    /// (`--teacher DIR --finetune-teacher`); the saved checkpoint has the adapters merged, and
+    /// the adapters alone go to `checkpoints/<model>-lora` in PEFT's layout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<LoraConfig>,
 }
 
 impl ModelSection {
