@@ -299,33 +299,70 @@ fn f16_le(c: &[u8]) -> f32 {
     half::f16::from_le_bytes([c[0], c[1]]).to_f32()
 }
 
-/// Decodes little-endian elements of `width` bytes.
-fn decode_all(bytes: &[u8], width: usize, decode: impl Fn(&[u8]) -> f32) -> Vec<f32> {
-    bytes.chunks_exact(width).map(decode).collect()
+/// Decodes little-endian elements of `width` bytes, on all cores for a large tensor.
+fn decode_all(bytes: &[u8], width: usize, decode: impl Fn(&[u8]) -> f32 + Sync) -> Vec<f32> {
+    let n = bytes.len() / width;
+    let mut out = vec![0.0f32; n];
+    let per = n.div_ceil(threads_for(n));
+    std::thread::scope(|scope| {
+        for (dst, src) in out.chunks_mut(per).zip(bytes.chunks(per * width)) {
+            let decode = &decode;
+            scope.spawn(move || {
+                for (d, s) in dst.iter_mut().zip(src.chunks_exact(width)) {
+                    *d = decode(s);
+                }
+            });
+        }
+    });
+    out
 }
 
 /// Decodes a row-major `[rows, cols]` tensor of `width`-byte elements into its transpose,
-/// `[cols, rows]`, in tiles so that both sides stay in cache.
+/// `[cols, rows]`, on all cores for a large tensor. Each thread owns a range of output rows
+/// (input columns) and walks the input in bands of `BAND` rows, so that a band stays in
+/// cache while every one of its columns is written out as one contiguous run.
 fn transpose_decode(
     bytes: &[u8],
     width: usize,
     rows: usize,
     cols: usize,
-    decode: impl Fn(&[u8]) -> f32,
+    decode: impl Fn(&[u8]) -> f32 + Sync,
 ) -> Vec<f32> {
-    const TILE: usize = 64;
+    const BAND: usize = 32;
     let mut out = vec![0.0f32; rows * cols];
-    for r0 in (0..rows).step_by(TILE) {
-        for c0 in (0..cols).step_by(TILE) {
-            for r in r0..(r0 + TILE).min(rows) {
-                let row = &bytes[r * cols * width..(r + 1) * cols * width];
-                for c in c0..(c0 + TILE).min(cols) {
-                    out[c * rows + r] = decode(&row[c * width..(c + 1) * width]);
-                }
-            }
-        }
+    if out.is_empty() {
+        return out;
     }
+    let per = cols.div_ceil(threads_for(rows * cols));
+    std::thread::scope(|scope| {
+        for (t, chunk) in out.chunks_mut(per * rows).enumerate() {
+            let decode = &decode;
+            scope.spawn(move || {
+                let first = t * per;
+                let count = chunk.len() / rows;
+                for r0 in (0..rows).step_by(BAND) {
+                    let r1 = (r0 + BAND).min(rows);
+                    for c in 0..count {
+                        let dst = &mut chunk[c * rows + r0..c * rows + r1];
+                        for (d, r) in dst.iter_mut().zip(r0..r1) {
+                            let at = (r * cols + first + c) * width;
+                            *d = decode(&bytes[at..at + width]);
+                        }
+                    }
+                }
+            });
+        }
+    });
     out
+}
+
+/// Threads worth using for `n` elements: one below a million, else every core.
+fn threads_for(n: usize) -> usize {
+    if n < 1 << 20 {
+        1
+    } else {
+        std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
+    }
 }
 
 struct Reader<'a> {
@@ -706,4 +743,24 @@ pub fn save_checkpoint(model: &Qwen, dir: &Path) -> Result<(), Error> {
 /// into an f32 model on `device`.
 pub fn load_checkpoint(dir: &Path, device: &Device) -> Result<Qwen, Error> {
     Checkpoint::open(dir)?.load(device)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parallel_decoders_agree_with_the_definition() {
+        // 1031 x 1033 > 2^20 elements: the multi-threaded path, with a ragged last chunk.
+        let (rows, cols) = (1031, 1033);
+        let values: Vec<f32> = (0..rows * cols).map(|i| i as f32 * 0.5 - 7.0).collect();
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        assert_eq!(decode_all(&bytes, 4, f32_le), values);
+        let t = transpose_decode(&bytes, 4, rows, cols, f32_le);
+        for r in 0..rows {
+            for c in 0..cols {
+                assert_eq!(t[c * rows + r], values[r * cols + c], "({r}, {c})");
+            }
+        }
+    }
 }
