@@ -4,8 +4,12 @@
 //!
 //!     cargo bench -p kd-loss --bench rkl_memory -- [positions] [vocab] [chunk_positions] [variants]
 //!
-//! (defaults 1024 151936 256 full,chunked; `inputs` always runs first). Naming one variant lets
-//! a size whose `full` run would not fit in memory still measure `chunked`. Each variant runs
+//! (defaults 4096 151936 256 full,chunked,chunked-held: the issue's size, about 15 GB at the
+//! peak of `full`; `inputs` always runs first). Naming one variant lets a size whose `full` run
+//! would not fit in memory still measure `chunked`. `chunked-held` is `chunked` with the caller
+//! keeping its own handle on the teacher logits, so the loss cannot write its gradient over
+//! them and allocates a buffer of its own. The table is printed and, at the default size,
+//! written to `docs/bench-kd-loss.md`. Each variant runs
 //! in its own child process (this executable, re-run with `--child <mode>`), and the child
 //! reports the kernel's peak resident set (`VmHWM` in `/proc/self/status`), so one variant's
 //! freed-but-cached memory cannot inflate another's. `inputs` only builds the two logit
@@ -13,6 +17,7 @@
 //! peak gives what each loss adds on top of its inputs. Linux only.
 #![allow(clippy::print_stdout)] // a benchmark's report is its stdout
 
+use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
@@ -20,7 +25,7 @@ use burn::tensor::activation::log_softmax;
 use burn::tensor::{Device, Distribution, Tensor};
 use kd_loss::{Divergence, KdConfig, Reduction, kd_loss};
 
-const MODES: [&str; 3] = ["inputs", "full", "chunked"];
+const MODES: [&str; 4] = ["inputs", "full", "chunked", "chunked-held"];
 
 fn main() {
     let args: Vec<String> = std::env::args()
@@ -31,10 +36,12 @@ fn main() {
         child(&args[1..]);
         return;
     }
-    let positions = arg(&args, 0, 1024);
-    let vocab = arg(&args, 1, 151_936);
+    let positions = arg(&args, 0, DEFAULT_SIZE.0);
+    let vocab = arg(&args, 1, DEFAULT_SIZE.1);
     let chunk = arg(&args, 2, 256);
-    let chosen = args.get(3).map_or("full,chunked", String::as_str);
+    let chosen = args
+        .get(3)
+        .map_or("full,chunked,chunked-held", String::as_str);
     let modes: Vec<&str> = MODES
         .iter()
         .copied()
@@ -42,12 +49,13 @@ fn main() {
         .collect();
     let buffer_mb = (positions * vocab * 4) as f64 / 1e6;
     let exe = std::env::current_exe().expect("own path");
-    println!(
-        "RKL forward + backward, {positions} x {vocab} f32 ({buffer_mb:.0} MB per buffer), chunk {chunk}"
+    let mut table = format!(
+        "RKL forward + backward, {positions} x {vocab} f32 ({buffer_mb:.0} MB per buffer), \
+         chunk {chunk}\n\n\
+         | variant | time (s) | peak RSS (MB) | above inputs (MB) | above inputs (buffers) |\n\
+         | --- | ---: | ---: | ---: | ---: |\n"
     );
-    println!();
-    println!("| variant | time (s) | peak RSS (MB) | above inputs (MB) | above inputs (buffers) |");
-    println!("| --- | ---: | ---: | ---: | ---: |");
+    print!("{table}");
     let mut base = None;
     for mode in modes {
         let out = Command::new(&exe)
@@ -62,7 +70,9 @@ fn main() {
             .expect("child runs");
         let text = String::from_utf8_lossy(&out.stdout);
         let Some(line) = text.lines().find(|l| l.starts_with("RESULT")) else {
-            println!("| {mode} | failed: {} | | | |", out.status);
+            let row = format!("| {mode} | failed: {} | | | |\n", out.status);
+            print!("{row}");
+            table += &row;
             continue;
         };
         let f: Vec<f64> = line
@@ -72,12 +82,45 @@ fn main() {
             .collect();
         let (secs, peak_mb) = (f[0], f[1] / 1e3);
         let above = peak_mb - *base.get_or_insert(peak_mb);
-        println!(
-            "| {mode} | {secs:.2} | {peak_mb:.0} | {above:.0} | {:.1} |",
+        let row = format!(
+            "| {mode} | {secs:.2} | {peak_mb:.0} | {above:.0} | {:.1} |\n",
             above / buffer_mb
         );
+        print!("{row}");
+        table += &row;
+    }
+    if (positions, vocab) == DEFAULT_SIZE && chosen.split(',').count() == MODES.len() - 1 {
+        let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/bench-kd-loss.md");
+        std::fs::write(&docs, format!("{DOC_HEAD}\n{table}\n{DOC_TAIL}"))
+            .expect("docs/bench-kd-loss.md is writable");
+        println!("\nwritten to {}", docs.display());
     }
 }
+
+/// The issue's size: 4,096 positions of Qwen3's 151,936-token vocabulary.
+const DEFAULT_SIZE: (usize, usize) = (4096, 151_936);
+
+const DOC_HEAD: &str = "# kd-loss benchmark: reverse KL, forward + backward
+
+Written by `cargo xtask bench kd-loss` (`cargo bench --profile dev -p kd-loss --bench
+rkl_memory`, benches/rkl_memory.rs) on the 2-core CPU build machine, Flex backend, f32, one
+run. Each variant is a separate child process; \"peak RSS\" is its `VmHWM`; \"above inputs\"
+subtracts the `inputs` child, which only builds the student (requiring a gradient) and the
+teacher logits. Every loss variant includes the student's gradient, one buffer that no
+implementation can avoid.
+
+- `full`: plain autodiff over `log_softmax`, `exp` and the product; every intermediate is a
+  full `[positions, vocab]` buffer kept for the backward pass.
+- `chunked`: `kd_loss` with `chunk_positions` rows at a time and a closed-form gradient; the
+  teacher logits are handed over by value, so the gradient is written over their rows once
+  they are used (what the trainer does).
+- `chunked-held`: the same call while the caller keeps a handle on the teacher logits: the
+  gradient then needs a buffer of its own.
+";
+
+const DOC_TAIL: &str = "The machine is shared and the times swing by tens of percent; the memory \
+figures are stable to a few MB between runs.
+";
 
 fn arg(args: &[String], i: usize, default: usize) -> usize {
     args.get(i).and_then(|a| a.parse().ok()).unwrap_or(default)
@@ -85,7 +128,11 @@ fn arg(args: &[String], i: usize, default: usize) -> usize {
 
 fn child(args: &[String]) {
     let mode = args[0].as_str();
-    let (positions, vocab, chunk) = (arg(args, 1, 1024), arg(args, 2, 151_936), arg(args, 3, 256));
+    let (positions, vocab, chunk) = (
+        arg(args, 1, DEFAULT_SIZE.0),
+        arg(args, 2, DEFAULT_SIZE.1),
+        arg(args, 3, 256),
+    );
     let device = Device::flex().autodiff();
     let dist = Distribution::Normal(0.0, 3.0);
     let student = Tensor::<2>::random([positions, vocab], dist, &device).require_grad();
@@ -111,7 +158,9 @@ fn child(args: &[String]) {
                 .sum()
                 .into_scalar::<f32>()
         }
-        _ => {
+        "chunked" | "chunked-held" => {
+            // Kept alive until after the backward pass in `chunked-held`.
+            let held = (mode == "chunked-held").then(|| teacher.clone());
             let cfg = KdConfig {
                 divergence: Divergence::ReverseKl,
                 temperature: 1.0,
@@ -121,12 +170,15 @@ fn child(args: &[String]) {
             };
             let loss = kd_loss(student.clone(), teacher, None, &cfg).expect("valid");
             let grads = loss.backward();
-            student
+            let sum = student
                 .grad(&grads)
                 .expect("grad")
                 .sum()
-                .into_scalar::<f32>()
+                .into_scalar::<f32>();
+            drop(held);
+            sum
         }
+        other => panic!("unknown variant {other}"),
     };
     let secs = start.elapsed().as_secs_f64();
     println!("RESULT {secs} {} {grad_sum}", peak_kb());
