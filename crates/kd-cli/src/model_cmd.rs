@@ -138,6 +138,9 @@ pub fn logits(args: LogitsArgs) -> Result<()> {
     if let Some(bad) = rows.iter().flatten().find(|&&t| t as usize >= vocab) {
         bail!("--ids: token {bad} is outside the vocabulary of {vocab}");
     }
+    model
+        .check_positions(rows.iter().map(Vec::len).max().unwrap_or(0))
+        .with_context(|| format!("--ids for {}", args.model.display()))?;
     let pad_id = args.pad_id.or(model.config().pad_token_id).unwrap_or(0);
     let padding = if args.left_pad {
         Padding::Left

@@ -132,6 +132,9 @@ pub fn generate(
     if prompts.is_empty() || config.max_new_tokens == 0 {
         return Ok(out);
     }
+    // The longest prompt and every token it may still get must have a position.
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    model.check_positions(longest + config.max_new_tokens)?;
     let device = model.model.embed_tokens.weight.val().device();
     if !config.row_streams.is_empty() && config.row_streams.len() != prompts.len() {
         return Err(Error::InvalidArgument(format!(

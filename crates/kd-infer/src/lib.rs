@@ -37,4 +37,7 @@ pub enum Error {
     /// A setting out of its range.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// The model refused the input (e.g. more tokens than its positions allow).
+    #[error(transparent)]
+    Model(#[from] kd_qwen::Error),
 }

@@ -30,6 +30,7 @@ pub fn score_labels(
     if let Some(index) = prompts.iter().position(|e| e.input_ids.is_empty()) {
         return Err(Error::EmptyPrompt { index });
     }
+    model.check_positions(prompts.iter().map(|e| e.input_ids.len()).max().unwrap_or(0))?;
     // Sorting by length keeps padding (and so wasted compute) small.
     let mut order: Vec<usize> = (0..prompts.len()).collect();
     order.sort_by_key(|&i| prompts[i].input_ids.len());

@@ -168,3 +168,23 @@ fn buckets_group_similar_lengths() {
     assert_eq!(buckets, vec![vec![1, 3], vec![5, 0], vec![4, 2]]);
     assert_eq!(length_buckets(&[], 4), Vec::<Vec<usize>>::new());
 }
+
+#[test]
+fn a_prompt_that_would_outgrow_the_positions_is_refused_before_decoding() {
+    let model = model("qwen3");
+    let max = model.config().max_position_embeddings;
+    // The 13-token prompt plus enough new tokens to pass the limit by one.
+    let config = greedy_config(max - 13 + 1);
+    let err = generate(&model, &prompts(), &config)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(&format!("{} tokens", max + 1))
+            && err.contains(&format!("max_position_embeddings of {max}")),
+        "{err}"
+    );
+    // Exactly at the limit is fine (one new token keeps the check cheap to run).
+    let one = greedy_config(1);
+    let prompt = vec![vec![5u32; max - 1]];
+    assert_eq!(generate(&model, &prompt, &one).unwrap()[0].tokens.len(), 1);
+}

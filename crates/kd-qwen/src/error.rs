@@ -39,4 +39,14 @@ pub enum Error {
         /// What is wrong, with the expected and found shape or dtype.
         msg: String,
     },
+    /// A sequence longer than the model's positions allow.
+    #[error(
+        "{tokens} tokens exceed the model's max_position_embeddings of {max} (from its config.json)"
+    )]
+    TooLong {
+        /// Tokens the call would need (cached, new and to be generated).
+        tokens: usize,
+        /// The model's `max_position_embeddings`.
+        max: usize,
+    },
 }

@@ -379,6 +379,18 @@ impl Qwen {
         &self.config
     }
 
+    /// Checks that a sequence of `tokens` positions (cached, new and any still to be
+    /// generated) fits the model's `max_position_embeddings`. Callers with user-supplied
+    /// lengths check here first and get an error; the forward pass itself only asserts.
+    pub fn check_positions(&self, tokens: usize) -> Result<(), crate::Error> {
+        let max = self.config.max_position_embeddings;
+        if tokens <= max {
+            Ok(())
+        } else {
+            Err(crate::Error::TooLong { tokens, max })
+        }
+    }
+
     /// Runs the body and returns the final-norm hidden states of every new position.
     ///
     /// Positions come from the attention mask as Hugging Face derives them
@@ -387,6 +399,12 @@ impl Qwen {
     ///
     /// # Shapes
     /// - input_ids: `[batch, seq]` → `[batch, seq, hidden]`
+    ///
+    /// # Panics
+    ///
+    /// If the cached plus new tokens exceed `max_position_embeddings` (check user input with
+    /// [`check_positions`](Self::check_positions) first), or if the attention mask's shape is
+    /// not `[batch, past + seq]`.
     pub fn forward_hidden(
         &self,
         input_ids: Tensor<2, Int>,

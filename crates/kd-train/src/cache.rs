@@ -293,6 +293,7 @@ impl TeacherCache {
             return bad(format!("temperature {temperature} must be positive"));
         }
         let index = index_ids(ids)?;
+        teacher.check_positions(examples.iter().map(Example::len).max().unwrap_or(0))?;
         if let Some((id, e)) = ids
             .iter()
             .zip(examples)

@@ -303,6 +303,15 @@ pub fn train(
     if examples.is_empty() {
         return Err(Error::NoData);
     }
+    let longest = examples
+        .iter()
+        .map(|e| e.input_ids.len())
+        .max()
+        .unwrap_or(0);
+    model.check_positions(longest)?;
+    if let Objective::Distill { teacher, .. } = objective {
+        teacher.check_positions(longest)?;
+    }
     if let Objective::WeightedLabels { weights } = objective {
         assert_eq!(
             weights.len(),

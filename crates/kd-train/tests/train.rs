@@ -527,6 +527,38 @@ fn non_finite_loss_names_the_step_and_the_parts() {
 }
 
 #[test]
+fn examples_longer_than_the_models_positions_are_refused_before_training() {
+    let _rng = rng_lock();
+    let device = Device::flex().autodiff();
+    let mut c = config(VOCAB);
+    // The examples are 5 to 12 tokens long.
+    c.max_position_embeddings = 11;
+    device.seed(4);
+    let student = Qwen::new(&c, &device);
+    let run = RunOptions {
+        dir: None,
+        resume: false,
+        validation: None,
+        on_step: &mut |_| panic!("no step may run"),
+    };
+    let err = train(
+        student,
+        &examples(8, VOCAB as u32),
+        PAD,
+        &train_config(2),
+        &Objective::Labels,
+        run,
+    )
+    .err()
+    .expect("a 12-token example cannot fit 11 positions");
+    let message = err.to_string();
+    assert!(
+        message.contains("12 tokens") && message.contains("max_position_embeddings of 11"),
+        "{message}"
+    );
+}
+
+#[test]
 fn validation_is_logged_and_the_best_checkpoint_survives_pruning() {
     let _rng = rng_lock();
     let plain = Device::flex();
