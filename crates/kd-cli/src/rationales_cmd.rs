@@ -19,7 +19,7 @@ use kd_imdb::{Review, clean_review, read_any};
 use kd_infer::rationale::{
     DEFAULT_TEMPLATE, RationaleRow, RationaleWriter, Template, extract_reasoning,
 };
-use kd_infer::{GenerateConfig, Sampling, generate, length_buckets, load_model};
+use kd_infer::{GenerateConfig, Sampling, StopStrings, generate_with, length_buckets, load_model};
 use tokenizers::Tokenizer;
 use tracing::info;
 
@@ -83,7 +83,8 @@ pub struct RationalesArgs {
     /// Continue an existing output file, skipping the ids already in it.
     #[arg(long)]
     pub resume: bool,
-    /// Stop strings (matched as the token ids they encode to).
+    /// Stop strings, matched in the decoded text of each row (however the tokenizer split
+    /// them); give the flag once per string.
     #[arg(long, default_value = "</think>")]
     pub stop: Vec<String>,
     /// Sample at this temperature instead of decoding greedily.
@@ -182,11 +183,10 @@ pub fn run(args: RationalesArgs) -> Result<()> {
         .pad_token_id
         .or_else(|| tokens.id("<|endoftext|>"))
         .unwrap_or(0);
-    let stop_sequences = args
-        .stop
-        .iter()
-        .map(|s| tokens.encode_special(s))
-        .collect::<Result<Vec<_>>>()?;
+    // A decoding failure cannot stop a row; the row then runs to eos or max_new_tokens.
+    let stops = StopStrings::new(args.stop.iter().cloned(), |ids: &[u32]| {
+        tokens.decode(ids).unwrap_or_default()
+    });
 
     // 2. Output: a fresh file, or the ids already done.
     let (mut writer, done) = if args.resume {
@@ -257,12 +257,12 @@ pub fn run(args: RationalesArgs) -> Result<()> {
         let gen_config = GenerateConfig {
             max_new_tokens: args.max_new_tokens,
             eos_ids: eos_ids.clone(),
-            stop_sequences: stop_sequences.clone(),
+            stop_sequences: Vec::new(),
             sampling,
             pad_id,
             row_streams: bucket.iter().map(|&i| jobs[i].index as u64).collect(),
         };
-        let outputs = generate(&model, &prompts, &gen_config)?;
+        let outputs = generate_with(&model, &prompts, &gen_config, &stops)?;
         let mut rows = Vec::with_capacity(bucket.len());
         for (&i, output) in bucket.iter().zip(outputs) {
             let job = &jobs[i];

@@ -7,14 +7,12 @@
 //! finished are dropped from the batch (the cache, the mask and the next input are narrowed to
 //! the rows still running), so a finished row costs nothing more.
 //!
-//! Stop strings are matched on **token ids**: a stop sequence is the id sequence its string
-//! encodes to, and a row stops when its generated ids end with it. For `</think>` and the
-//! chat-format markers this is exact, because they are single added tokens in the Qwen2 and
-//! Qwen3 tokenizers.
-//!
-//! FIXME: a stop string that BPE can split in more than one way (plain text such as
-//! "Answer:") is missed when the model emits a different split; the fix is incremental
-//! detokenization (decode the tail of each row every step and search the text).
+//! Stops come in two kinds. [`GenerateConfig::stop_sequences`] are **token-id** sequences: a
+//! row stops when its generated ids end with one (exact for `</think>` and the chat markers,
+//! which are single added tokens in the Qwen2 and Qwen3 tokenizers). A [`StopCondition`]
+//! passed to [`generate_with`] sees each row's ids after every step; [`StopStrings`] is the
+//! one for **text** stop strings: it decodes the tail of the row and searches the text, so
+//! "Answer:" stops a row however BPE happened to split it.
 
 use burn::tensor::{Int, Tensor, TensorData};
 use kd_qwen::{ForwardOptions, KvCache, Padding, Qwen, pad_batch};
@@ -104,13 +102,77 @@ pub struct Generation {
     pub finish: FinishReason,
 }
 
+/// Decides after every step whether a row has reached a stop of the caller's.
+pub trait StopCondition {
+    /// Whether a row whose generated ids so far are `tokens` (the newest last) stops here.
+    fn should_stop(&self, tokens: &[u32]) -> bool;
+}
+
+/// No stop beyond those in the [`GenerateConfig`].
+struct NoStop;
+
+impl StopCondition for NoStop {
+    fn should_stop(&self, _: &[u32]) -> bool {
+        false
+    }
+}
+
+/// Text stop strings: a row stops as soon as the decoded text of its generated ids contains
+/// one of them.
+///
+/// Only the tail of the row is decoded, as many tokens as the longest string has bytes: every
+/// token stands for at least one byte, so an occurrence that ends in the newest token lies
+/// inside that tail, and earlier occurrences were seen at earlier steps.
+pub struct StopStrings<F> {
+    strings: Vec<String>,
+    window: usize,
+    decode: F,
+}
+
+impl<F: Fn(&[u32]) -> String> StopStrings<F> {
+    /// Stops on any of `strings` (empty ones are ignored); `decode` turns ids into text, with
+    /// special tokens written out (e.g. `tokenizers`' `decode(ids, false)`).
+    pub fn new(strings: impl IntoIterator<Item = String>, decode: F) -> Self {
+        let strings: Vec<String> = strings.into_iter().filter(|s| !s.is_empty()).collect();
+        let window = strings.iter().map(String::len).max().unwrap_or(0);
+        Self {
+            strings,
+            window,
+            decode,
+        }
+    }
+}
+
+impl<F: Fn(&[u32]) -> String> StopCondition for StopStrings<F> {
+    fn should_stop(&self, tokens: &[u32]) -> bool {
+        if self.strings.is_empty() {
+            return false;
+        }
+        let tail = &tokens[tokens.len().saturating_sub(self.window)..];
+        let text = (self.decode)(tail);
+        self.strings.iter().any(|s| text.contains(s.as_str()))
+    }
+}
+
 /// Continues every prompt in one left-padded batch.
 ///
-/// Returns one [`Generation`] per prompt, in order. Empty prompts are an error.
+/// Returns one [`Generation`] per prompt, in order. Empty prompts are an error, and so is a
+/// longest prompt plus `max_new_tokens` beyond the model's `max_position_embeddings`.
 pub fn generate(
     model: &Qwen,
     prompts: &[Vec<u32>],
     config: &GenerateConfig,
+) -> Result<Vec<Generation>, Error> {
+    generate_with(model, prompts, config, &NoStop)
+}
+
+/// [`generate`] with a further stop condition (e.g. [`StopStrings`]); a row it stops ends
+/// with [`FinishReason::Stop`].
+pub fn generate_with(
+    model: &Qwen,
+    prompts: &[Vec<u32>],
+    config: &GenerateConfig,
+    stop: &dyn StopCondition,
 ) -> Result<Vec<Generation>, Error> {
     if let Some(index) = prompts.iter().position(Vec::is_empty) {
         return Err(Error::EmptyPrompt { index });
@@ -178,6 +240,7 @@ pub fn generate(
                 .stop_sequences
                 .iter()
                 .any(|s| !s.is_empty() && generation.tokens.ends_with(s))
+                || stop.should_stop(&generation.tokens)
             {
                 generation.finish = FinishReason::Stop;
             } else {

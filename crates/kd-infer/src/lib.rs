@@ -18,7 +18,10 @@ pub use eval::{
     Confusion, EvalSummary, LENGTH_BUCKETS, LengthBucket, agreement, evaluate_full,
     positive_probability, roc_auc, summarize,
 };
-pub use generate::{FinishReason, GenerateConfig, Generation, Sampling, generate, length_buckets};
+pub use generate::{
+    FinishReason, GenerateConfig, Generation, Sampling, StopCondition, StopStrings, generate,
+    generate_with, length_buckets,
+};
 pub use quant::{QuantError, QuantSpec, load_model};
 pub use score::{EvalReport, LabelScores, evaluate, score_labels};
 

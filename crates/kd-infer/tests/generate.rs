@@ -6,7 +6,9 @@
 use std::path::{Path, PathBuf};
 
 use burn::tensor::Device;
-use kd_infer::{FinishReason, GenerateConfig, Sampling, generate, length_buckets};
+use kd_infer::{
+    FinishReason, GenerateConfig, Sampling, StopStrings, generate, generate_with, length_buckets,
+};
 use kd_qwen::{Qwen, load_checkpoint};
 
 fn fixture(name: &str) -> PathBuf {
@@ -187,4 +189,52 @@ fn a_prompt_that_would_outgrow_the_positions_is_refused_before_decoding() {
     let one = greedy_config(1);
     let prompt = vec![vec![5u32; max - 1]];
     assert_eq!(generate(&model, &prompt, &one).unwrap()[0].tokens.len(), 1);
+}
+
+/// A stand-in detokenizer in which every id is two letters: `ab` for 0, `bc` for 1, ... so
+/// that a stop string can straddle two tokens, as text stop strings do under BPE.
+fn two_letters(ids: &[u32]) -> String {
+    ids.iter()
+        .flat_map(|&t| {
+            let a = b'a' + (t % 25) as u8;
+            [a as char, (a + 1) as char]
+        })
+        .collect()
+}
+
+#[test]
+fn a_text_stop_string_straddling_two_tokens_stops_the_row_there() {
+    for family in ["qwen3", "qwen2"] {
+        let model = model(family);
+        let prompts = prompts();
+        let free = generate(&model, &prompts, &greedy_config(12)).unwrap();
+        // Row 1's text is two letters a token: the string made of the 2nd letter of its 3rd
+        // token and the 1st letter of its 4th appears only once both are out.
+        let text = two_letters(&free[1].tokens);
+        let stop_text = text[5..7].to_string();
+        let first = text.find(&stop_text).unwrap();
+        // The token holding the string's last letter (at least the 4th: the text may hold the
+        // string earlier by chance, in which case the row stops there).
+        let stops_after = (first + stop_text.len()).div_ceil(2);
+        let stops = StopStrings::new([stop_text.clone(), String::new()], two_letters);
+        let config = greedy_config(12);
+        let batched = generate_with(&model, &prompts, &config, &stops).unwrap();
+        assert_eq!(
+            batched[1].tokens,
+            free[1].tokens[..stops_after],
+            "{family}: {stop_text:?} in {text:?}"
+        );
+        assert_eq!(batched[1].finish, FinishReason::Stop);
+        // Every row, stopped or not, is what it would be alone.
+        for (i, prompt) in prompts.iter().enumerate() {
+            let alone =
+                generate_with(&model, std::slice::from_ref(prompt), &config, &stops).unwrap();
+            assert_eq!(batched[i], alone[0], "{family}: row {i}");
+            assert_eq!(
+                batched[i].tokens[..],
+                free[i].tokens[..batched[i].tokens.len()],
+                "{family}: row {i} is its free continuation, cut"
+            );
+        }
+    }
 }
