@@ -100,15 +100,39 @@ const BENCHES: &[(&str, &[&str])] = &[
     ),
 ];
 
+/// The generation benchmark is driven from Python: it times Hugging Face `generate` and runs
+/// the Rust example on the same shapes in the same run.
+const GENERATE_BENCH: (&str, &str) = (
+    "kd-infer/generate",
+    "crates/kd-infer/reference/bench_generate.py",
+);
+
 fn bench(filter: Option<&str>) -> Result<()> {
-    let benches = BENCHES;
+    let wanted = |name: &str| filter.is_none_or(|f| name.contains(f));
     let mut ran = 0;
-    for (name, args) in benches {
-        if filter.is_some_and(|f| !name.contains(f)) {
+    for (name, args) in BENCHES {
+        if !wanted(name) {
             continue;
         }
         eprintln!("bench {name}");
         cargo(args)?;
+        ran += 1;
+    }
+    let (name, script) = GENERATE_BENCH;
+    if wanted(name) {
+        // A venv from crates/kd-qwen/reference/requirements.txt (torch, transformers).
+        let python = std::env::var("KD_REF_PYTHON").unwrap_or_else(|_| "python3".into());
+        eprintln!("bench {name} (with {python}; set KD_REF_PYTHON to choose the interpreter)");
+        let status = Command::new(&python)
+            .arg(script)
+            .status()
+            .with_context(|| format!("starting {python}"))?;
+        if !status.success() {
+            bail!(
+                "`{python} {script}` failed ({status}); it needs torch and transformers \
+                 (crates/kd-qwen/reference/requirements.txt)"
+            );
+        }
         ran += 1;
     }
     if ran == 0 {
