@@ -19,7 +19,10 @@ use kd_imdb::{Review, clean_review, read_any};
 use kd_infer::rationale::{
     DEFAULT_TEMPLATE, RationaleRow, RationaleWriter, Template, extract_reasoning,
 };
-use kd_infer::{GenerateConfig, Sampling, StopStrings, generate_with, length_buckets, load_model};
+use kd_infer::{
+    GenerateConfig, Sampling, StopStrings, generate_with, length_buckets, load_model_with,
+};
+use kd_qwen::WeightLayout;
 use tokenizers::Tokenizer;
 use tracing::info;
 
@@ -177,7 +180,8 @@ pub fn run(args: RationalesArgs) -> Result<()> {
     };
     let tokens = Tokens::load(&tokenizer_path)?;
     let device = args.device.device()?;
-    let model = load_model(&args.model, &device)
+    // Generation only: the layout whose decoding steps are fastest.
+    let model = load_model_with(&args.model, &device, WeightLayout::Inference)
         .with_context(|| format!("loading {}", args.model.display()))?;
     let config = model.config();
     let mut eos_ids: Vec<u32> = EOS_TOKENS.iter().filter_map(|t| tokens.id(t)).collect();

@@ -7,20 +7,23 @@
 //!   included) at batch 1, 8 and 32 on the checkpoint in `DIR`.
 //! - `bench_generate r1`: a randomly initialised model of DeepSeek-R1-Distill-Qwen-1.5B's
 //!   shape (Qwen2, 1.78 G parameters, about 7 GB in f32), built in memory. Prefill is timed
-//!   on one 256-token prompt; decoding as the difference between `generate` calls of 1 and
-//!   `1 + DECODE_STEPS` new tokens, at batch 8, 32 and 64.
+//!   on one 256-token prompt; decoding from the moments the steps finish within one
+//!   `generate` call of `1 + DECODE_STEPS` new tokens (the last `DECODE_STEPS` of them), at
+//!   batch 8, 32 and 64. Also one `[rows, 1536] · [1536, 8960]` product, the gemm shape that
+//!   sets the pace of decoding.
 
 #![allow(clippy::print_stdout, clippy::unwrap_used)] // a benchmark binary: stdout is its output
 
+use std::cell::RefCell;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use burn::tensor::Device;
-use kd_infer::{GenerateConfig, generate};
-use kd_qwen::{ModelType, Qwen, QwenConfig};
+use burn::tensor::{Device, Distribution, Tensor};
+use kd_infer::{GenerateConfig, StopCondition, generate, generate_with};
+use kd_qwen::{ModelType, Qwen, QwenConfig, WeightLayout};
 
 /// Decoding steps timed per batch in `r1` mode.
-const DECODE_STEPS: usize = 4;
+const DECODE_STEPS: usize = 8;
 /// Prompt length of the `r1` decode runs (short: prefill is timed separately, and attention
 /// over a longer cache is a few percent of the 1.5 G weights multiplied per token).
 const R1_DECODE_PROMPT: usize = 8;
@@ -37,6 +40,14 @@ fn main() {
         ),
         Some("r1") => r1(),
         _ => panic!("usage: bench_generate tiny DIR PROMPT_LEN NEW_TOKENS | bench_generate r1"),
+    }
+}
+
+/// The layout `kd rationales` loads into; `KD_BENCH_LAYOUT=training` measures the other.
+fn layout() -> WeightLayout {
+    match std::env::var("KD_BENCH_LAYOUT").as_deref() {
+        Ok("training") => WeightLayout::Training,
+        _ => WeightLayout::Inference,
     }
 }
 
@@ -66,7 +77,7 @@ fn timed(model: &Qwen, prompts: &[Vec<u32>], new_tokens: usize) -> f64 {
 }
 
 fn tiny(dir: &PathBuf, prompt_len: usize, new_tokens: usize) {
-    let model = kd_qwen::load_checkpoint(dir, &Device::flex()).unwrap();
+    let model = kd_qwen::load_checkpoint_with(dir, &Device::flex(), layout()).unwrap();
     let vocab = model.config().vocab_size as u32;
     for batch in [1usize, 8, 32] {
         let prompts = prompts(batch, prompt_len, vocab);
@@ -93,11 +104,33 @@ fn r1_config() -> QwenConfig {
     c
 }
 
+/// GFLOP/s of one `[rows, 1536] · [1536, 8960]` product (an R1 MLP projection at decode),
+/// best of 10.
+fn gemm_gflops(rows: usize, device: &Device) -> f64 {
+    let (d_in, d_out) = (1536, 8960);
+    let x = Tensor::<2>::random([rows, d_in], Distribution::Normal(0.0, 1.0), device);
+    let w = Tensor::<2>::random([d_in, d_out], Distribution::Normal(0.0, 0.02), device);
+    let mut best = f64::MAX;
+    for _ in 0..11 {
+        let start = Instant::now();
+        let y = x.clone().matmul(w.clone());
+        let _ = y.slice([0..1, 0..1]).into_scalar::<f32>();
+        best = best.min(start.elapsed().as_secs_f64());
+    }
+    2.0 * (rows * d_in * d_out) as f64 / best / 1e9
+}
+
 fn r1() {
-    let config = r1_config();
     let device = Device::flex();
+    for rows in [32usize, 256] {
+        println!(
+            "{{\"phase\": \"gemm\", \"batch\": {rows}, \"gflops\": {:.1}}}",
+            gemm_gflops(rows, &device)
+        );
+    }
+    let config = r1_config();
     let start = Instant::now();
-    let model = Qwen::new(&config, &device);
+    let model = Qwen::new(&config, &device).into_layout(layout());
     // Parameters are initialised lazily: a first call touches them all before any timing.
     let _ = timed(&model, &prompts(1, 4, 151_000), 1);
     eprintln!(
@@ -114,14 +147,37 @@ fn r1() {
     );
     for batch in [8usize, 32, 64] {
         let prompts = prompts(batch, R1_DECODE_PROMPT, vocab);
-        let one = timed(&model, &prompts, 1);
-        let more = timed(&model, &prompts, 1 + DECODE_STEPS);
+        let clock = StepClock::default();
+        let config = GenerateConfig {
+            max_new_tokens: 1 + DECODE_STEPS,
+            ..GenerateConfig::default()
+        };
+        generate_with(&model, &prompts, &config, &clock).unwrap();
+        let ends = clock.ends.borrow();
+        assert_eq!(ends.len(), 1 + DECODE_STEPS);
+        let secs = (ends[DECODE_STEPS] - ends[0]).as_secs_f64();
         let tokens = batch * DECODE_STEPS;
-        let secs = (more - one).max(1e-9);
         println!(
             "{{\"phase\": \"decode\", \"batch\": {batch}, \"tokens\": {tokens}, \"secs\": \
              {secs:.4}, \"tok_s\": {:.2}}}",
             tokens as f64 / secs
         );
+    }
+}
+
+/// Notes when each step finishes: the engine asks the stop condition about every row after
+/// every step, and the first question about a row of `n` tokens comes at the end of step `n`.
+#[derive(Default)]
+struct StepClock {
+    ends: RefCell<Vec<Instant>>,
+}
+
+impl StopCondition for StepClock {
+    fn should_stop(&self, tokens: &[u32]) -> bool {
+        let mut ends = self.ends.borrow_mut();
+        if ends.len() < tokens.len() {
+            ends.push(Instant::now());
+        }
+        false
     }
 }

@@ -7,9 +7,9 @@ same run, on models of the same shape:
   vocabulary) saved to a temporary folder that both sides load; whole greedy `generate` calls
   at batch 1, 8 and 32 (prompts of PROMPT_LEN tokens, exactly NEW_TOKENS new tokens per row).
 - r1: a random model of DeepSeek-R1-Distill-Qwen-1.5B's shape (Qwen2, 1.78 G parameters, ~7 GB
-  in f32), built in memory on each side. Prefill is timed on one 256-token prompt; decoding as
-  the difference between `generate` calls of 1 and 1 + DECODE_STEPS new tokens at batch 8, 32
-  and 64. From these rates, the estimate of the 25,000 x 256-token rationale harvest on this CPU.
+  in f32), built in memory on each side. Prefill is timed on one 256-token prompt; decoding
+  from the moments the steps finish within one `generate` call of 1 + DECODE_STEPS new tokens
+  (the last DECODE_STEPS of them), at batch 8, 32 and 64. From these rates, the estimate of the 25,000 x 256-token rationale harvest on this CPU.
 
 Writes docs/bench-generate.md. Run from the repository root, with the venv of
 crates/kd-qwen/reference/requirements.txt (about 16 GB of RAM free for the r1 part):
@@ -31,13 +31,14 @@ import time
 
 import torch
 import transformers
-from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+from transformers import (LogitsProcessor, LogitsProcessorList, Qwen2Config, Qwen2ForCausalLM,
+                          Qwen3Config, Qwen3ForCausalLM)
 
 PROMPT_LEN = 64
 NEW_TOKENS = 32
 BATCHES = [1, 8, 32]
 # Kept equal to the constants of crates/kd-infer/examples/bench_generate.rs.
-DECODE_STEPS = 4
+DECODE_STEPS = 8
 R1_DECODE_PROMPT = 8
 R1_PREFILL_PROMPT = 256
 R1_BATCHES = [8, 32, 64]
@@ -95,7 +96,33 @@ def hf_tiny(tmp):
             yield {"shape": "tiny", "batch": batch, "tok_s": round(rates[batch], 2)}
 
 
+class StepClock(LogitsProcessor):
+    """Notes the moment each step's logits are ready (the Rust side's StepClock)."""
+
+    def __init__(self):
+        self.ends = []
+
+    def __call__(self, input_ids, scores):
+        self.ends.append(time.perf_counter())
+        return scores
+
+
+def gemm_gflops(rows):
+    """GFLOP/s of one [rows, 1536] x [1536, 8960] product, best of 10 (as the Rust side)."""
+    x = torch.randn(rows, 1536)
+    w = torch.randn(1536, 8960) * 0.02
+    best = float("inf")
+    with torch.inference_mode():
+        for _ in range(11):
+            start = time.perf_counter()
+            x @ w
+            best = min(best, time.perf_counter() - start)
+    return 2 * rows * 1536 * 8960 / best / 1e9
+
+
 def hf_r1():
+    for rows in (32, 256):
+        yield {"shape": "r1", "phase": "gemm", "batch": rows, "gflops": round(gemm_gflops(rows), 1)}
     config = Qwen2Config(
         vocab_size=R1["vocab"], hidden_size=R1["hidden"], intermediate_size=R1["inter"],
         num_hidden_layers=R1["layers"], num_attention_heads=R1["heads"],
@@ -112,19 +139,26 @@ def hf_r1():
                "tok_s": round(R1_PREFILL_PROMPT / secs, 2)}
         for batch in R1_BATCHES:
             ids = prompts(batch, R1_DECODE_PROMPT, R1["vocab"])
-            one = timed(model, ids, 1)
-            more = timed(model, ids, 1 + DECODE_STEPS)
+            clock = StepClock()
+            model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                           max_new_tokens=1 + DECODE_STEPS, min_new_tokens=1 + DECODE_STEPS,
+                           pad_token_id=0, logits_processor=LogitsProcessorList([clock]))
+            # The processor runs on the logits of steps 1 .. 1 + DECODE_STEPS, before each
+            # token is chosen: the last DECODE_STEPS intervals are the decode steps.
+            assert len(clock.ends) == 1 + DECODE_STEPS, len(clock.ends)
+            secs = clock.ends[-1] - clock.ends[0]
             yield {"shape": "r1", "phase": "decode", "batch": batch,
-                   "tok_s": round(batch * DECODE_STEPS / max(more - one, 1e-9), 2)}
+                   "tok_s": round(batch * DECODE_STEPS / secs, 2)}
     del model
     gc.collect()
 
 
-def kd(*args):
-    """JSON lines of the Rust example."""
+def kd(*args, layout="inference"):
+    """JSON lines of the Rust example, with the model's weights in `layout`."""
     result = subprocess.run(
         ["cargo", "run", "-q", "-p", "kd-infer", "--example", "bench_generate", "--", *args],
-        check=True, capture_output=True, text=True)
+        check=True, capture_output=True, text=True,
+        env={**os.environ, "KD_BENCH_LAYOUT": layout})
     return [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
 
 
@@ -189,6 +223,8 @@ def main():
     if not args.no_r1:
         kd_rows = kd("r1")
         print("kd r1", kd_rows, flush=True)
+        kd_train_rows = kd("r1", layout="training")
+        print("kd r1, training layout", kd_train_rows, flush=True)
 
         def rate(rows, phase, batch):
             return next(r["tok_s"] for r in rows
@@ -204,16 +240,49 @@ def main():
             f"heads, head_dim {R1['head_dim']}, untied {R1['vocab']:,}-row head; "
             f"{matmul_params(R1) / 1e9:.2f} G weights multiplied per token), built in memory on "
             f"each side. Prefill: one {R1_PREFILL_PROMPT}-token prompt, time to the first new "
-            f"token. Decode: (time of {1 + DECODE_STEPS} new tokens − time of 1) / "
-            f"({DECODE_STEPS} × batch), prompts of {R1_DECODE_PROMPT} tokens.",
+            f"token. Decode: {DECODE_STEPS} × batch tokens over the time of the last "
+            f"{DECODE_STEPS} steps of one call of {1 + DECODE_STEPS} new tokens (from when the "
+            f"first step's logits are ready to when the last one's are), prompts of "
+            f"{R1_DECODE_PROMPT} tokens. kd's engine runs generation feature-major (the residual "
+            "stream as `[hidden, tokens]`, every weight the left operand of its product) on "
+            "weights kept in the checkpoint's `[out, in]` layout, which is how `kd rationales` "
+            "loads a model (`WeightLayout::Inference`); the last column is the same engine on "
+            "weights in the training layout (`[in, out]`, as burn's `Linear` keeps them).",
             "",
-            "| phase | batch | kd tokens/s | HF tokens/s | kd / HF |",
-            "| --- | ---: | ---: | ---: | ---: |",
+            "| phase | batch | kd tokens/s | HF tokens/s | kd / HF | kd, training layout |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |",
         ]
         measured = [("prefill", 1)] + [("decode", b) for b in R1_BATCHES]
         for phase, b in measured:
             k, h = rate(kd_rows, phase, b), rate(hf_r1_rows, phase, b)
-            lines.append(f"| {phase} | {b} | {k:.1f} | {h:.1f} | {k / h:.2f} |")
+            t = rate(kd_train_rows, phase, b)
+            lines.append(f"| {phase} | {b} | {k:.1f} | {h:.1f} | {k / h:.2f} | {t:.1f} |")
+
+        def gflops(rows, batch):
+            return next(r["gflops"] for r in rows
+                        if r.get("phase") == "gemm" and r["batch"] == batch)
+
+        lines += [
+            "",
+            "Where the time goes: decoding multiplies every weight with only `batch` rows, and "
+            "the gemm kernel at that shape sets the pace. One plain `[rows, 1536] · [1536, 8960]` "
+            "product (an MLP projection of this model, weight contiguous `[in, out]`), best of "
+            "10:",
+            "",
+            "| rows | kd (burn Flex gemm) GFLOP/s | PyTorch (MKL) GFLOP/s |",
+            "| ---: | ---: | ---: |",
+        ]
+        for b in (32, 256):
+            lines.append(f"| {b} | {gflops(kd_rows, b):.0f} | {gflops(hf_r1_rows, b):.0f} |")
+        lines += [
+            "",
+            "With few rows, Flex's gemm is far faster when the large matrix is the left operand "
+            "and contiguous: hence the feature-major engine on `[out, in]` weights (compare the "
+            "last column of the table above, the same engine on `[in, out]` weights). FIXME: "
+            "the rest of the gap to MKL is the gemm kernel at 8-64 rows; a weight-stationary "
+            "kernel (weights packed once at load) in burn-flex, or as a kd backend extension, "
+            "is the fix.",
+        ]
 
         best = max(R1_BATCHES, key=lambda b: rate(kd_rows, "decode", b))
         kd_pre, kd_gen = hours(rate(kd_rows, "prefill", 1), rate(kd_rows, "decode", best))

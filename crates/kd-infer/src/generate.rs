@@ -218,14 +218,12 @@ pub fn generate_with(
     // `live[j]` is the prompt index of the batch's row j.
     let mut live: Vec<usize> = (0..prompts.len()).collect();
     for step in 0..config.max_new_tokens {
-        // 1. Run the new tokens; only the last position's logits are needed.
+        // 1. Run the new tokens (the whole prompts first, then one token per row); only the
+        //    last position's logits are needed.
         let options = ForwardOptions {
             attention_mask: Some(mask.clone()),
         };
-        let hidden = model.forward_hidden(input, &options, Some(&mut cache));
-        let [batch, seq, width] = hidden.dims();
-        let last = hidden.narrow(1, seq - 1, 1).reshape([batch, width]);
-        let logits = model.lm_logits(last); // [batch, vocab]
+        let logits = model.next_token_logits(input, &options, &mut cache); // [vocab, batch]
         let next = choose(logits, &config.sampling, &live, &mut rngs)?;
 
         // 2. Record, and decide which rows stop.
@@ -281,7 +279,7 @@ pub fn length_buckets(lengths: &[usize], batch_size: usize) -> Vec<Vec<usize>> {
 /// The next token of every live row.
 ///
 /// # Shapes
-/// - logits: `[live, vocab]`
+/// - logits: `[vocab, live]` (feature-major, as [`Qwen::next_token_logits`] returns them)
 fn choose(
     logits: Tensor<2>,
     sampling: &Sampling,
@@ -291,7 +289,7 @@ fn choose(
     match *sampling {
         Sampling::Greedy => {
             // Only the ids come back from the device.
-            let ids = logits.argmax(1).into_data().convert::<i64>();
+            let ids = logits.argmax(0).into_data().convert::<i64>();
             let ids: Vec<i64> = ids
                 .try_into_vec()
                 .map_err(|e| Error::Backend(format!("{e:?}")))?;
@@ -303,17 +301,24 @@ fn choose(
             top_p,
             ..
         } => {
-            let [_, vocab] = logits.dims();
+            let [vocab, rows] = logits.dims();
             let values: Vec<f32> = logits
                 .div_scalar(temperature)
                 .into_data()
                 .convert::<f32>()
                 .try_into_vec()
                 .map_err(|e| Error::Backend(format!("{e:?}")))?;
-            Ok(values
-                .chunks_exact(vocab)
-                .zip(live)
-                .map(|(row, &i)| sample_row(row, top_k, top_p, &mut rngs[i]))
+            // Column j of the [vocab, rows] values is row j's distribution.
+            let mut row = vec![0.0f32; vocab];
+            Ok(live
+                .iter()
+                .enumerate()
+                .map(|(j, &i)| {
+                    for (v, slot) in row.iter_mut().enumerate() {
+                        *slot = values[v * rows + j];
+                    }
+                    sample_row(&row, top_k, top_p, &mut rngs[i])
+                })
                 .collect())
         }
     }

@@ -22,7 +22,7 @@ pub use generate::{
     FinishReason, GenerateConfig, Generation, Sampling, StopCondition, StopStrings, generate,
     generate_with, length_buckets,
 };
-pub use quant::{QuantError, QuantSpec, load_model};
+pub use quant::{QuantError, QuantSpec, load_model, load_model_with};
 pub use score::{EvalReport, LabelScores, evaluate, score_labels};
 
 /// What can go wrong while scoring.

@@ -31,7 +31,7 @@ use std::path::{Path, PathBuf};
 
 use burn::module::Param;
 use burn::tensor::{Device, Tensor, TensorData};
-use kd_qwen::{Checkpoint, Qwen, QwenConfig};
+use kd_qwen::{Checkpoint, Qwen, QwenConfig, WeightLayout};
 use safetensors::Dtype;
 use safetensors::tensor::TensorView;
 use serde::{Deserialize, Serialize};
@@ -638,10 +638,21 @@ fn read_quantized(
 /// Loads either kind of model folder: a quantized one (with `quant.json`) through
 /// [`load_quantized`], a Hugging Face checkpoint through [`kd_qwen::load_checkpoint`].
 pub fn load_model(dir: &Path, device: &Device) -> Result<Qwen, QuantError> {
+    load_model_with(dir, device, WeightLayout::Training)
+}
+
+/// [`load_model`] with a Hugging Face checkpoint's linear weights in `layout` (generation
+/// wants [`WeightLayout::Inference`]). A quantized folder always loads in the inference
+/// layout: its codes are dequantized as stored, `[out, in]`.
+pub fn load_model_with(
+    dir: &Path,
+    device: &Device,
+    layout: WeightLayout,
+) -> Result<Qwen, QuantError> {
     if is_quantized(dir) {
         load_quantized(dir, device)
     } else {
-        Ok(kd_qwen::load_checkpoint(dir, device)?)
+        Ok(kd_qwen::load_checkpoint_with(dir, device, layout)?)
     }
 }
 

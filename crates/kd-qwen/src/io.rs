@@ -20,7 +20,7 @@ use burn::module::Param;
 use burn::nn::{Embedding, Linear};
 use burn::tensor::{Device, Tensor, TensorData};
 
-use crate::model::{Attention, DecoderLayer, Mlp, QwenBody, RmsNorm};
+use crate::model::{Attention, DecoderLayer, Mlp, QwenBody, RmsNorm, WeightLayout};
 use crate::{Error, Qwen, QwenConfig};
 
 /// Element type of the tensors an export writes.
@@ -265,12 +265,20 @@ impl Checkpoint {
         out
     }
 
-    /// Builds the model on `device`, converting every tensor to f32.
+    /// Builds the model on `device`, converting every tensor to f32, in the training layout.
     pub fn load(&self, device: &Device) -> Result<Qwen, Error> {
+        self.load_with(device, WeightLayout::Training)
+    }
+
+    /// Builds the model on `device`, converting every tensor to f32, with its linear weights
+    /// in `layout` ([`WeightLayout::Inference`] keeps the file's `[out, in]` and skips the
+    /// transpose).
+    pub fn load_with(&self, device: &Device, layout: WeightLayout) -> Result<Qwen, Error> {
         let mut reader = Reader {
             ckpt: self,
             handles: HashMap::new(),
             device,
+            layout,
             used: 0,
         };
         let model = reader.model()?;
@@ -369,6 +377,7 @@ struct Reader<'a> {
     ckpt: &'a Checkpoint,
     handles: HashMap<PathBuf, File>,
     device: &'a Device,
+    layout: WeightLayout,
     used: usize,
 }
 
@@ -464,8 +473,13 @@ impl Reader<'_> {
         d_out: usize,
         bias: bool,
     ) -> Result<Linear, Error> {
-        // PyTorch [out, in] -> burn [in, out].
-        let weight = self.tensor_transposed(&format!("{prefix}.weight"), [d_out, d_in])?;
+        // PyTorch [out, in] -> burn [in, out]: transposed while decoding (training layout),
+        // or a transposed view of the tensor as stored (inference layout).
+        let name = format!("{prefix}.weight");
+        let weight = match self.layout {
+            WeightLayout::Training => self.tensor_transposed(&name, [d_out, d_in])?,
+            WeightLayout::Inference => self.tensor(&name, [d_out, d_in])?.transpose(),
+        };
         let bias = if bias {
             Some(Param::from_tensor(
                 self.tensor(&format!("{prefix}.bias"), [d_out])?,
@@ -740,9 +754,18 @@ pub fn save_checkpoint(model: &Qwen, dir: &Path) -> Result<(), Error> {
 }
 
 /// Reads a Hugging Face checkpoint folder (single-file or sharded; f32, bf16 or f16 tensors)
-/// into an f32 model on `device`.
+/// into an f32 model on `device`, in the training layout.
 pub fn load_checkpoint(dir: &Path, device: &Device) -> Result<Qwen, Error> {
     Checkpoint::open(dir)?.load(device)
+}
+
+/// [`load_checkpoint`] with the linear weights in `layout`.
+pub fn load_checkpoint_with(
+    dir: &Path,
+    device: &Device,
+    layout: WeightLayout,
+) -> Result<Qwen, Error> {
+    Checkpoint::open(dir)?.load_with(device, layout)
 }
 
 #[cfg(test)]

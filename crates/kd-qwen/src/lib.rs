@@ -31,9 +31,14 @@ pub use cache::KvCache;
 pub use config::{ModelType, QwenConfig, TokenIds};
 pub use error::Error;
 pub use generate::{Padding, greedy, pad_batch};
-pub use io::{Checkpoint, StoreDtype, TensorEntry, export_hf, load_checkpoint, save_checkpoint};
+pub use io::{
+    Checkpoint, StoreDtype, TensorEntry, export_hf, load_checkpoint, load_checkpoint_with,
+    save_checkpoint,
+};
 pub use lora::{
     ADAPTER_CONFIG, ADAPTER_WEIGHTS, AttentionLora, LayerLora, LoraAdapter, LoraConfig, MlpLora,
     QwenLora, attach_lora, has_lora, load_adapters, merge_lora, save_adapters,
 };
-pub use model::{Attention, DecoderLayer, ForwardOptions, Mlp, Qwen, QwenBody, RmsNorm, Rope};
+pub use model::{
+    Attention, DecoderLayer, ForwardOptions, Mlp, Qwen, QwenBody, RmsNorm, Rope, WeightLayout,
+};

@@ -11,7 +11,8 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use kd_qwen::{
-    ForwardOptions, Padding, Qwen, StoreDtype, export_hf, greedy, load_checkpoint, pad_batch,
+    ForwardOptions, KvCache, Padding, Qwen, StoreDtype, WeightLayout, export_hf, greedy,
+    load_checkpoint, load_checkpoint_with, pad_batch,
 };
 
 /// f32 against f32: both sides sum the same products in a different order; with |logits| ≲ 30
@@ -283,4 +284,114 @@ fn qwen3_export_reload_is_exact() {
 #[test]
 fn qwen2_export_reload_is_exact() {
     check_export_roundtrip("qwen2");
+}
+
+/// The feature-major forward that generation uses, on the inference layout (weights kept as
+/// the checkpoint stores them): every non-padded position of the left-padded batch, against
+/// the same reference and tolerance as the ordinary forward.
+fn check_feature_major_padded(family: &str) {
+    let device = Device::flex();
+    let reference = Reference::open(family);
+    let model = load_checkpoint_with(&fixture(family), &device, WeightLayout::Inference).unwrap();
+    let (ids, mask) = pad_batch(&reference.prompts(), PAD_ID, Padding::Left, &device);
+    let [batch, seq] = ids.dims();
+    let options = ForwardOptions {
+        attention_mask: Some(mask),
+    };
+    let hidden = model.forward_hidden_t(ids, &options, None); // [hidden, batch * seq]
+    let vocab = model.config().vocab_size;
+    let logits = model
+        .lm_logits(hidden.transpose())
+        .reshape([batch, seq, vocab]);
+    let (_, want) = reference.f32("logits_left");
+    let (_, mask) = reference.i64("mask_left");
+    let d = max_diff(&values(logits), &want, &mask, vocab);
+    eprintln!("{family} feature-major, inference layout, left-padded: logits max-abs {d:.3e}");
+    assert!(d <= F32_TOL, "{family}: {d}");
+}
+
+#[test]
+fn qwen3_feature_major_forward_matches() {
+    check_feature_major_padded("qwen3");
+}
+
+#[test]
+fn qwen2_feature_major_forward_matches() {
+    check_feature_major_padded("qwen2");
+}
+
+/// Greedy decoding through `next_token_logits` (prefill, then one token per row with the KV
+/// cache, feature-major, inference layout) gives the reference continuation.
+fn check_next_token_greedy(family: &str) {
+    let device = Device::flex();
+    let reference = Reference::open(family);
+    let model = load_checkpoint_with(&fixture(family), &device, WeightLayout::Inference).unwrap();
+    let prompts = reference.prompts();
+    let (mut input, mut mask) = pad_batch(&prompts, PAD_ID, Padding::Left, &device);
+    let mut cache = KvCache::new(model.config().num_hidden_layers);
+    let mut got = vec![Vec::new(); prompts.len()];
+    for _ in 0..8 {
+        let options = ForwardOptions {
+            attention_mask: Some(mask.clone()),
+        };
+        let next = model
+            .next_token_logits(input, &options, &mut cache)
+            .argmax(0);
+        let next: Vec<i64> = next.into_data().convert::<i64>().try_into_vec().unwrap();
+        for (row, &t) in got.iter_mut().zip(&next) {
+            row.push(t as u32);
+        }
+        input = Tensor::from_data(TensorData::new(next, [prompts.len(), 1]), &device);
+        mask = Tensor::cat(vec![mask, Tensor::ones([prompts.len(), 1], &device)], 1);
+    }
+    let (shape, want) = reference.i64("greedy");
+    let want: Vec<Vec<u32>> = want
+        .chunks(shape[1])
+        .map(|r| r.iter().map(|&t| t as u32).collect())
+        .collect();
+    assert_eq!(got, want, "{family}: next_token_logits greedy continuation");
+}
+
+#[test]
+fn qwen3_next_token_greedy_matches_token_for_token() {
+    check_next_token_greedy("qwen3");
+}
+
+#[test]
+fn qwen2_next_token_greedy_matches_token_for_token() {
+    check_next_token_greedy("qwen2");
+}
+
+#[test]
+fn layouts_convert_both_ways_without_changing_a_weight() {
+    let device = Device::flex();
+    for family in ["qwen3", "qwen2"] {
+        let training = load_checkpoint(&fixture(family), &device).unwrap();
+        let loaded =
+            load_checkpoint_with(&fixture(family), &device, WeightLayout::Inference).unwrap();
+        let converted = training.clone().into_layout(WeightLayout::Inference);
+        let back = converted.clone().into_layout(WeightLayout::Training);
+        let weights = |m: &Qwen| -> Vec<f32> {
+            let l = &m.model.layers[0];
+            [&l.self_attn.q_proj, &l.self_attn.o_proj, &l.mlp.down_proj]
+                .iter()
+                .flat_map(|p| {
+                    p.weight
+                        .val()
+                        .into_data()
+                        .convert::<f32>()
+                        .try_into_vec::<f32>()
+                        .unwrap()
+                })
+                .collect()
+        };
+        let want = weights(&training);
+        assert_eq!(
+            weights(&loaded),
+            want,
+            "{family}: loaded in the inference layout"
+        );
+        assert_eq!(weights(&converted), want, "{family}: converted to it");
+        assert_eq!(weights(&back), want, "{family}: and back");
+    }
 }
