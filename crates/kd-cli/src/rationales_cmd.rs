@@ -221,6 +221,22 @@ pub fn run(args: RationalesArgs) -> Result<()> {
             prompt,
         });
     }
+    // A tokenizer that does not belong to the model would index past its embedding.
+    let vocab = config.vocab_size;
+    if let Some((job, &id)) = jobs.iter().find_map(|j| {
+        j.prompt
+            .iter()
+            .find(|&&t| t as usize >= vocab)
+            .map(|t| (j, t))
+    }) {
+        bail!(
+            "{}: review {} tokenizes to id {id}, outside the vocabulary of {vocab} in {}; \
+             pass the model's own tokenizer with --tokenizer",
+            tokenizer_path.display(),
+            job.review.id,
+            args.model.join("config.json").display()
+        );
+    }
     let lengths: Vec<usize> = jobs.iter().map(|j| j.prompt.len()).collect();
     let buckets: Vec<Vec<usize>> = length_buckets(&lengths, args.batch_size)
         .into_iter()

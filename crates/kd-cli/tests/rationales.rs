@@ -1,5 +1,7 @@
 //! `kd rationales` killed with SIGKILL after its first flushed batch and resumed writes the
-//! same rows as an uninterrupted run, with no duplicate ids.
+//! same rows as an uninterrupted run, with no duplicate ids; it runs a Qwen2 checkpoint (the
+//! DeepSeek-R1-Distill architecture) and its int4 copy; a tokenizer that does not fit the
+//! model is refused.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is the failure report
 
@@ -10,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use burn::tensor::Device;
 use kd_infer::rationale::{RationaleRow, read_rationales};
-use kd_qwen::{Qwen, QwenConfig, save_checkpoint};
+use kd_qwen::{ModelType, Qwen, QwenConfig, save_checkpoint};
 
 const TOKENIZER: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
@@ -19,8 +21,11 @@ const TOKENIZER: &str = concat!(
 
 /// A random tiny model over the real Qwen3 vocabulary, and 12 labelled reviews.
 fn setup(dir: &Path) -> (PathBuf, PathBuf) {
+    setup_with(dir, QwenConfig::qwen3_shaped(16, 32, 1, 2, 1, 8))
+}
+
+fn setup_with(dir: &Path, config: QwenConfig) -> (PathBuf, PathBuf) {
     let model_dir = dir.join("model");
-    let config = QwenConfig::qwen3_shaped(16, 32, 1, 2, 1, 8);
     save_checkpoint(&Qwen::new(&config, &Device::flex()), &model_dir).unwrap();
     let mut csv = String::from("review,sentiment\n");
     for i in 0..12 {
@@ -105,4 +110,72 @@ fn killed_and_resumed_run_equals_an_uninterrupted_one() {
 
     // 4. Without --resume an existing file is refused.
     assert!(!kd(&model, &input, &part).status().unwrap().success());
+}
+
+/// Every review once, with its label, and a finish reason the engine gives.
+fn check_rows(rows: &[RationaleRow], what: &str) {
+    assert_eq!(rows.len(), 12, "{what}");
+    let ids: HashSet<&str> = rows.iter().map(|r| r.id.as_str()).collect();
+    assert_eq!(ids.len(), 12, "{what}: duplicate ids");
+    for row in rows {
+        let i: usize = row.review.split(':').next().unwrap()["Review ".len()..]
+            .parse()
+            .unwrap();
+        let label = if i % 2 == 0 { "positive" } else { "negative" };
+        assert_eq!(row.sentiment, label, "{what}: review {i}");
+        assert!(
+            ["eos", "stop", "length"].contains(&row.finish_reason.as_str())
+                && (1..=6).contains(&row.new_tokens),
+            "{what}: {row:?}"
+        );
+    }
+}
+
+#[test]
+fn a_qwen2_model_and_its_int4_copy_write_every_row() {
+    let dir = tempfile::tempdir().unwrap();
+    // Qwen2's shape: q/k/v bias, no q/k norm, untied head, theta 10,000.
+    let mut config = QwenConfig::qwen3_shaped(16, 32, 1, 2, 1, 8);
+    config.model_type = ModelType::Qwen2;
+    config.attention_bias = Some(true);
+    config.tie_word_embeddings = false;
+    config.rope_theta = 10_000.0;
+    let (model, input) = setup_with(dir.path(), config);
+    let out = dir.path().join("qwen2.csv");
+    assert!(kd(&model, &input, &out).status().unwrap().success());
+    check_rows(&read_rationales(&out).unwrap(), "qwen2");
+
+    let int4 = dir.path().join("int4");
+    let status = Command::new(env!("CARGO_BIN_EXE_kd"))
+        .args(["quantize", "--bits", "4", "--model"])
+        .arg(&model)
+        .arg("--out")
+        .arg(&int4)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = dir.path().join("int4.csv");
+    assert!(kd(&int4, &input, &out).status().unwrap().success());
+    check_rows(&read_rationales(&out).unwrap(), "int4");
+}
+
+#[test]
+fn a_tokenizer_beyond_the_models_vocabulary_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = QwenConfig::qwen3_shaped(16, 32, 1, 2, 1, 8);
+    config.vocab_size = 96;
+    let (model, input) = setup_with(dir.path(), config);
+    let out = dir.path().join("out.csv");
+    let output = kd(&model, &input, &out)
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        err.contains("outside the vocabulary of 96") && err.contains("--tokenizer"),
+        "{err}"
+    );
 }
