@@ -606,6 +606,7 @@ fn encode(
     })
 }
 
+#[allow(clippy::too_many_arguments)] // one phase's settings, each passed straight to `train`
 fn train_phase(
     name: &str,
     model: Qwen,

@@ -121,7 +121,11 @@ fn check_rows(rows: &[RationaleRow], what: &str) {
         let i: usize = row.review.split(':').next().unwrap()["Review ".len()..]
             .parse()
             .unwrap();
-        let label = if i % 2 == 0 { "positive" } else { "negative" };
+        let label = if i.is_multiple_of(2) {
+            "positive"
+        } else {
+            "negative"
+        };
         assert_eq!(row.sentiment, label, "{what}: review {i}");
         assert!(
             ["eos", "stop", "length"].contains(&row.finish_reason.as_str())

@@ -15,7 +15,7 @@
 #![allow(clippy::print_stdout, clippy::unwrap_used)] // a benchmark binary: stdout is its output
 
 use std::cell::RefCell;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use burn::tensor::{Device, Distribution, Tensor};
@@ -76,7 +76,7 @@ fn timed(model: &Qwen, prompts: &[Vec<u32>], new_tokens: usize) -> f64 {
     secs
 }
 
-fn tiny(dir: &PathBuf, prompt_len: usize, new_tokens: usize) {
+fn tiny(dir: &Path, prompt_len: usize, new_tokens: usize) {
     let model = kd_qwen::load_checkpoint_with(dir, &Device::flex(), layout()).unwrap();
     let vocab = model.config().vocab_size as u32;
     for batch in [1usize, 8, 32] {

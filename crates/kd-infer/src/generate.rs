@@ -178,7 +178,7 @@ pub fn generate_with(
         return Err(Error::EmptyPrompt { index });
     }
     if let Sampling::Sample { temperature, .. } = config.sampling
-        && !(temperature > 0.0)
+        && (temperature.is_nan() || temperature <= 0.0)
     {
         return Err(Error::InvalidArgument(format!(
             "temperature must be > 0, got {temperature}"

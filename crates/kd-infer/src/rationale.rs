@@ -327,11 +327,7 @@ fn complete_records(path: &Path, bytes: &[u8]) -> Result<(u64, HashSet<String>),
         });
     }
     let mut good_end = reader.position().byte();
-    loop {
-        match reader.read_record(&mut record) {
-            Ok(true) => {}
-            Ok(false) | Err(_) => break,
-        }
+    while let Ok(true) = reader.read_record(&mut record) {
         let end = reader.position().byte();
         let terminated = end > 0 && bytes.get(end as usize - 1) == Some(&b'\n');
         let complete = record.len() == COLUMNS.len()

@@ -234,7 +234,10 @@ impl QwenConfig {
                 return Err(bad(field, "must be positive".into()));
             }
         }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if !self
+            .num_attention_heads
+            .is_multiple_of(self.num_key_value_heads)
+        {
             return Err(bad(
                 "num_key_value_heads",
                 format!(
@@ -243,13 +246,13 @@ impl QwenConfig {
                 ),
             ));
         }
-        if self.head_dim.is_none() && self.hidden_size % self.num_attention_heads != 0 {
+        if self.head_dim.is_none() && !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(bad(
                 "head_dim",
                 "absent, and hidden_size is not a multiple of heads".into(),
             ));
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             return Err(bad(
                 "head_dim",
                 format!("{} is odd; RoPE needs pairs", self.head_dim()),

@@ -198,7 +198,7 @@ mod tests {
         config.vocab_size = 20;
         config.attention_bias = Some(true); // Qwen2-style biases on q/k/v
         let model = Qwen::new(&config, &device);
-        let group = ParamGroup::from_regex(NO_DECAY_PATTERN).unwrap();
+        let group = ParamGroup::from_regex(NO_DECAY_PATTERN).expect("the pattern compiles");
         let paths = param_paths(&model);
         let skipped: Vec<&str> = paths
             .iter()

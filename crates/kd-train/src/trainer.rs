@@ -427,7 +427,7 @@ pub fn train(
         if let Some(v) = &validation
             && (config
                 .eval_every
-                .is_some_and(|n| n > 0 && state.step % n == 0)
+                .is_some_and(|n| n > 0 && state.step.is_multiple_of(n))
                 || last)
         {
             let acc = validate(&model, v, pad_id)?;
@@ -473,7 +473,7 @@ pub fn train(
         if let Some(dir) = dir.as_deref() {
             let periodic = config
                 .checkpoint_every
-                .is_some_and(|n| n > 0 && state.step % n == 0);
+                .is_some_and(|n| n > 0 && state.step.is_multiple_of(n));
             if periodic
                 || last
                 || (state.val_accuracy.is_some() && config.checkpoint_every.is_some())

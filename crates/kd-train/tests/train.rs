@@ -517,8 +517,7 @@ fn non_finite_loss_names_the_step_and_the_parts() {
         &Objective::Labels,
         run,
     )
-    .err()
-    .expect("a NaN loss must stop the run");
+    .expect_err("a NaN loss must stop the run");
     let message = err.to_string();
     assert!(message.contains("at step 1"), "{message}");
     assert!(message.contains("ce NaN"), "{message}");
@@ -549,8 +548,7 @@ fn examples_longer_than_the_models_positions_are_refused_before_training() {
         &Objective::Labels,
         run,
     )
-    .err()
-    .expect("a 12-token example cannot fit 11 positions");
+    .expect_err("a 12-token example cannot fit 11 positions");
     let message = err.to_string();
     assert!(
         message.contains("12 tokens") && message.contains("max_position_embeddings of 11"),
