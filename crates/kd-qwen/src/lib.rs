@@ -7,6 +7,10 @@
 //! LoRA adapters ([`attach_lora`], [`save_adapters`], [`merge_lora`]) fine-tune it with the base
 //! weights frozen, in Hugging Face PEFT's formula and file format.
 //!
+//! Two forwards compute the same function: [`Qwen::forward_hidden`] (row-major, for training
+//! and scoring) and [`Qwen::forward_hidden_t`] (feature-major, for generation, fastest on
+//! weights loaded in [`WeightLayout::Inference`]).
+//!
 //! The crate never picks a backend: every constructor takes a `&Device`.
 //!
 //! ```no_run
