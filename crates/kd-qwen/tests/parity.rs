@@ -395,3 +395,91 @@ fn layouts_convert_both_ways_without_changing_a_weight() {
         assert_eq!(weights(&back), want, "{family}: and back");
     }
 }
+
+/// A copy of `family`'s fixture whose weights are rounded to f16 (round to nearest even, by
+/// `half`) and stored either as f16 or as those same values widened back to f32 (widening is
+/// exact). Every `model*.safetensors` file is rewritten, so the sharded Qwen2 fixture stays
+/// sharded and its index stays valid.
+fn f16_rounded_copy(family: &str, store_f16: bool) -> tempfile::TempDir {
+    use safetensors::Dtype;
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(fixture(family)).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_str().unwrap().to_owned();
+        let target = dir.path().join(&name);
+        if !(name.starts_with("model") && name.ends_with(".safetensors")) {
+            std::fs::copy(&path, &target).unwrap();
+            continue;
+        }
+        let bytes = std::fs::read(&path).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = st
+            .tensors()
+            .into_iter()
+            .map(|(n, t)| {
+                assert_eq!(t.dtype(), Dtype::F32, "{family} fixture {n}");
+                let rounded = t
+                    .data()
+                    .chunks_exact(4)
+                    .map(|c| half::f16::from_f32(f32::from_le_bytes([c[0], c[1], c[2], c[3]])));
+                let (dtype, data) = if store_f16 {
+                    (Dtype::F16, rounded.flat_map(|h| h.to_le_bytes()).collect())
+                } else {
+                    (
+                        Dtype::F32,
+                        rounded.flat_map(|h| h.to_f32().to_le_bytes()).collect(),
+                    )
+                };
+                (n, dtype, t.shape().to_vec(), data)
+            })
+            .collect();
+        let views: Vec<_> = tensors
+            .iter()
+            .map(|(n, d, s, b)| {
+                (
+                    n.clone(),
+                    safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+                )
+            })
+            .collect();
+        safetensors::tensor::serialize_to_file(views, None, &target).unwrap();
+    }
+    dir
+}
+
+/// An f16 checkpoint loads exactly the values it stores: its logits equal, bit for bit, those
+/// of an f32 checkpoint holding the same f16-rounded weights; and they differ from the
+/// unrounded fixture's, so the rounding did happen.
+fn check_f16(family: &str) {
+    let device = Device::flex();
+    let prompts = Reference::open(family).prompts();
+    let logits = |dir: &Path| {
+        padded_logits(
+            &load_checkpoint(dir, &device).unwrap(),
+            &prompts,
+            Padding::Left,
+            &device,
+        )
+    };
+    let as_f16 = f16_rounded_copy(family, true);
+    let as_f32 = f16_rounded_copy(family, false);
+    let got = logits(as_f16.path());
+    assert!(
+        got == logits(as_f32.path()),
+        "{family}: the f16 copy must load the values it stores"
+    );
+    assert!(
+        got != logits(&fixture(family)),
+        "{family}: f16 rounding changed nothing"
+    );
+}
+
+#[test]
+fn qwen3_f16_copy_loads_exactly() {
+    check_f16("qwen3");
+}
+
+#[test]
+fn qwen2_sharded_f16_copy_loads_exactly() {
+    check_f16("qwen2");
+}
