@@ -9,6 +9,8 @@ use burn::tensor::Device;
 use kd_qwen::load_checkpoint;
 use safetensors::Dtype;
 
+mod common;
+
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures")
@@ -26,30 +28,11 @@ fn copy(name: &str) -> tempfile::TempDir {
 }
 
 /// Rewrites `file` in `dir`, letting `edit` change the list of (name, dtype, shape, bytes).
-fn rewrite(
-    dir: &Path,
-    file: &str,
-    edit: impl FnOnce(&mut Vec<(String, Dtype, Vec<usize>, Vec<u8>)>),
-) {
+fn rewrite(dir: &Path, file: &str, edit: impl FnOnce(&mut Vec<common::Entry>)) {
     let path = dir.join(file);
-    let bytes = std::fs::read(&path).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut tensors: Vec<_> = st
-        .tensors()
-        .into_iter()
-        .map(|(n, t)| (n, t.dtype(), t.shape().to_vec(), t.data().to_vec()))
-        .collect();
+    let mut tensors = common::read_tensors(&path);
     edit(&mut tensors);
-    let views: Vec<_> = tensors
-        .iter()
-        .map(|(n, d, s, b)| {
-            (
-                n.clone(),
-                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
-            )
-        })
-        .collect();
-    safetensors::tensor::serialize_to_file(views, None, &path).unwrap();
+    common::write_tensors(&path, &tensors);
 }
 
 fn load_err(dir: &Path) -> String {

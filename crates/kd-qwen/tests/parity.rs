@@ -15,6 +15,8 @@ use kd_qwen::{
     load_checkpoint, load_checkpoint_with, pad_batch,
 };
 
+mod common;
+
 /// f32 against f32: both sides sum the same products in a different order; with |logits| ≲ 30
 /// and ≤ 64-term dot products, accumulated rounding stays below 1e-5, so 1e-4 (the issue's
 /// bound) leaves a 10× margin.
@@ -411,15 +413,11 @@ fn f16_rounded_copy(family: &str, store_f16: bool) -> tempfile::TempDir {
             std::fs::copy(&path, &target).unwrap();
             continue;
         }
-        let bytes = std::fs::read(&path).unwrap();
-        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-        let tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = st
-            .tensors()
+        let tensors: Vec<common::Entry> = common::read_tensors(&path)
             .into_iter()
-            .map(|(n, t)| {
-                assert_eq!(t.dtype(), Dtype::F32, "{family} fixture {n}");
-                let rounded = t
-                    .data()
+            .map(|(n, dtype, shape, data)| {
+                assert_eq!(dtype, Dtype::F32, "{family} fixture {n}");
+                let rounded = data
                     .chunks_exact(4)
                     .map(|c| half::f16::from_f32(f32::from_le_bytes([c[0], c[1], c[2], c[3]])));
                 let (dtype, data) = if store_f16 {
@@ -430,19 +428,10 @@ fn f16_rounded_copy(family: &str, store_f16: bool) -> tempfile::TempDir {
                         rounded.flat_map(|h| h.to_f32().to_le_bytes()).collect(),
                     )
                 };
-                (n, dtype, t.shape().to_vec(), data)
+                (n, dtype, shape, data)
             })
             .collect();
-        let views: Vec<_> = tensors
-            .iter()
-            .map(|(n, d, s, b)| {
-                (
-                    n.clone(),
-                    safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
-                )
-            })
-            .collect();
-        safetensors::tensor::serialize_to_file(views, None, &target).unwrap();
+        common::write_tensors(&target, &tensors);
     }
     dir
 }
