@@ -1,5 +1,6 @@
 //! `kd distill`: data → teacher → KD student and baseline student → evaluation → report.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -180,8 +181,10 @@ pub fn run(args: DistillArgs) -> Result<()> {
         let stamp = chrono::Utc::now().format("%Y%m%d-%H%M%S");
         PathBuf::from("runs").join(format!("{}-{stamp}", preset.name))
     });
+    let config = toml::to_string_pretty(&preset)?;
+    check_run_folder(&out, &config, args.resume)?;
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-    std::fs::write(out.join("config.toml"), toml::to_string_pretty(&preset)?)
+    std::fs::write(out.join("config.toml"), config)
         .with_context(|| format!("writing {}/config.toml", out.display()))?;
     info!(out = %out.display(), preset = preset.name, "run folder");
     let mut phases: Vec<(String, f64)> = Vec::new();
@@ -543,10 +546,8 @@ pub(crate) struct Reviews {
 
 impl Reviews {
     pub(crate) fn draw(preset: &Preset, offline: bool) -> Result<Self> {
-        let asset_options = AssetOptions {
-            offline,
-            ..AssetOptions::from_env()
-        };
+        let mut asset_options = AssetOptions::from_env();
+        asset_options.offline |= offline; // `--offline` adds to `KD_OFFLINE`, never clears it
         let archive = resolve(Asset::ImdbArchive, &asset_options)?;
         let tokenizer = resolve(Asset::QwenTokenizer, &asset_options)?;
         info!(archive = %archive.display(), tokenizer = %tokenizer.display(), "inputs");
@@ -846,6 +847,72 @@ impl burn::module::ModuleMapper for Materialise {
     }
 }
 
+/// A folder that already holds a run (its `config.toml`) is continued only with `--resume`,
+/// and only with the settings it was started with: otherwise its finished phases would be
+/// reported under settings they were not trained with.
+fn check_run_folder(out: &Path, config: &str, resume: bool) -> Result<()> {
+    let path = out.join("config.toml");
+    let Ok(before) = std::fs::read_to_string(&path) else {
+        return Ok(());
+    };
+    if !resume {
+        anyhow::bail!(
+            "{} already holds a run ({} exists): pass --resume to continue it, or give another --out",
+            out.display(),
+            path.display()
+        );
+    }
+    let differences = settings_differences(&before, config)
+        .with_context(|| format!("reading {}", path.display()))?;
+    if !differences.is_empty() {
+        anyhow::bail!(
+            "--resume: {} was started with other settings ({}): {}. A run continues only with \
+             the settings it started with; give another --out for a new one",
+            out.display(),
+            path.display(),
+            differences.join("; ")
+        );
+    }
+    Ok(())
+}
+
+/// The settings (dotted keys such as `data.test_size`) whose values differ between two
+/// preset TOML texts, as `key: OLD in the folder, NEW now`.
+fn settings_differences(before: &str, now: &str) -> Result<Vec<String>> {
+    fn flatten(prefix: &str, value: &toml::Value, out: &mut BTreeMap<String, String>) {
+        match value {
+            toml::Value::Table(table) => {
+                for (key, value) in table {
+                    let key = if prefix.is_empty() {
+                        key.clone()
+                    } else {
+                        format!("{prefix}.{key}")
+                    };
+                    flatten(&key, value, out);
+                }
+            }
+            other => {
+                out.insert(prefix.to_owned(), other.to_string());
+            }
+        }
+    }
+    let (mut old, mut new) = (BTreeMap::new(), BTreeMap::new());
+    flatten("", &toml::from_str(before)?, &mut old);
+    flatten("", &toml::from_str(now)?, &mut new);
+    let keys: BTreeSet<&String> = old.keys().chain(new.keys()).collect();
+    let unset = "unset".to_owned();
+    Ok(keys
+        .into_iter()
+        .filter_map(|key| {
+            let (a, b) = (
+                old.get(key).unwrap_or(&unset),
+                new.get(key).unwrap_or(&unset),
+            );
+            (a != b).then(|| format!("{key}: {a} in the folder, {b} now"))
+        })
+        .collect())
+}
+
 /// The model and summary of a phase an earlier run of this folder finished.
 fn finished_phase(
     out: &Path,
@@ -981,6 +1048,39 @@ mod tests {
     use super::*;
 
     const TOL: f64 = 1e-12;
+
+    #[test]
+    #[allow(clippy::unwrap_used)] // a panic is the failure report
+    fn a_run_folder_is_continued_only_with_resume_and_its_own_settings() {
+        let dir = tempfile::tempdir().unwrap();
+        let smoke = Preset::load("smoke").unwrap();
+        let config = toml::to_string_pretty(&smoke).unwrap();
+        // A fresh folder needs nothing.
+        check_run_folder(dir.path(), &config, false).unwrap();
+        std::fs::write(dir.path().join("config.toml"), &config).unwrap();
+
+        let err = check_run_folder(dir.path(), &config, false).unwrap_err();
+        assert!(err.to_string().contains("pass --resume"), "{err}");
+        check_run_folder(dir.path(), &config, true).unwrap();
+
+        let mut other = smoke.clone();
+        other.data.test_size += 1;
+        let other = toml::to_string_pretty(&other).unwrap();
+        let err = check_run_folder(dir.path(), &other, true)
+            .unwrap_err()
+            .to_string();
+        let want = format!(
+            "data.test_size: {} in the folder, {} now",
+            smoke.data.test_size,
+            smoke.data.test_size + 1
+        );
+        assert!(err.contains(&want), "{err}");
+        assert_eq!(
+            err.matches(" now").count(),
+            1,
+            "only the changed key: {err}"
+        );
+    }
 
     #[test]
     fn mcnemar_matches_hand_values() {

@@ -73,8 +73,42 @@ fn main() -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            eprintln!("error: {}", error_chain(&err));
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+/// The error and its causes, `: `-separated as anyhow's `{:#}` prints them, leaving out a
+/// cause whose text the message before it already ends with (the library errors write their
+/// source into their own message, e.g. `PATH: No such file or directory`).
+fn error_chain(err: &anyhow::Error) -> String {
+    let mut text = err.to_string();
+    for cause in err.chain().skip(1) {
+        let cause = cause.to_string();
+        if !text.ends_with(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cause_already_in_the_message_is_printed_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
+        let err = anyhow::Error::new(kd_qwen::Error::Io {
+            path: "/x/config.json".into(),
+            source: io,
+        })
+        .context("loading /x");
+        assert_eq!(
+            error_chain(&err),
+            "loading /x: /x/config.json: no such file"
+        );
     }
 }

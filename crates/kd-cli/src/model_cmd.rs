@@ -192,6 +192,8 @@ pub fn logits(args: LogitsArgs) -> Result<()> {
         ];
         safetensors::tensor::serialize_to_file(views, None, &args.out)
             .with_context(|| format!("writing {}", args.out.display()))?;
+        kd_qwen::make_shareable(&args.out)
+            .with_context(|| format!("writing {}", args.out.display()))?;
     }
     tracing::info!(batch, seq, vocab, out = %args.out.display(), "logits written");
     Ok(())

@@ -171,10 +171,8 @@ pub fn run(args: RationalesArgs) -> Result<()> {
         Some(path) => path.clone(),
         None if args.model.join("tokenizer.json").is_file() => args.model.join("tokenizer.json"),
         None => {
-            let options = AssetOptions {
-                offline: args.offline,
-                ..AssetOptions::from_env()
-            };
+            let mut options = AssetOptions::from_env();
+            options.offline |= args.offline; // adds to `KD_OFFLINE`, never clears it
             resolve(Asset::QwenTokenizer, &options)?
         }
     };

@@ -412,6 +412,7 @@ pub fn quantize_checkpoint(
     ]);
     safetensors::tensor::serialize_to_file(views, Some(metadata), &weights)
         .map_err(|e| format_err(&weights, e.to_string()))?;
+    kd_qwen::make_shareable(&weights).map_err(io_err(&weights))?;
     let config_src = src.join("config.json");
     let config_dst = out.join("config.json");
     std::fs::copy(&config_src, &config_dst).map_err(io_err(&config_dst))?;

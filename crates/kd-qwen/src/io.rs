@@ -625,6 +625,25 @@ fn encode(t: Tensor<1>, dtype: StoreDtype, file: &Path, name: &str) -> Result<Ve
     })
 }
 
+/// Gives a file written by `safetensors::tensor::serialize_to_file` the permissions of the
+/// other files kd writes. That function writes through a private temporary file, mode 0600 on
+/// Unix, which leaves a checkpoint unreadable by other users and by containers running under
+/// another uid; this sets `rw-r--r--` (a no-op off Unix).
+///
+/// # Errors
+///
+/// The file's permissions could not be changed.
+pub fn make_shareable(path: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644))?;
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+    Ok(())
+}
+
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Error> {
     let tmp = path.with_extension("partial");
     std::fs::write(&tmp, bytes).map_err(io_err(&tmp))?;
@@ -684,6 +703,7 @@ pub fn export_hf(model: &Qwen, dir: &Path, dtype: StoreDtype) -> Result<(), Erro
     let tmp = dir.join("model.safetensors.partial");
     safetensors::tensor::serialize_to_file(views, Some(metadata), &tmp)
         .map_err(|e| ckpt_err(&tmp, e.to_string()))?;
+    make_shareable(&tmp).map_err(io_err(&tmp))?;
     std::fs::rename(&tmp, &weights).map_err(io_err(&weights))?;
 
     let config = model.config();

@@ -37,7 +37,7 @@ pub use error::Error;
 pub use generate::{Padding, greedy, pad_batch};
 pub use io::{
     Checkpoint, StoreDtype, TensorEntry, export_hf, load_checkpoint, load_checkpoint_with,
-    save_checkpoint,
+    make_shareable, save_checkpoint,
 };
 pub use lora::{
     ADAPTER_CONFIG, ADAPTER_WEIGHTS, AttentionLora, LayerLora, LoraAdapter, LoraConfig, MlpLora,

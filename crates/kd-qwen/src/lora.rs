@@ -590,6 +590,7 @@ pub fn save_adapters(model: &Qwen, dir: &Path) -> Result<(), Error> {
     let tmp = weights.with_extension("partial");
     safetensors::tensor::serialize_to_file(views, Some(metadata), &tmp)
         .map_err(|e| ckpt_err(&tmp, e.to_string()))?;
+    crate::io::make_shareable(&tmp).map_err(io_err(&tmp))?;
     std::fs::rename(&tmp, &weights).map_err(io_err(&weights))?;
 
     // 3. The configuration.

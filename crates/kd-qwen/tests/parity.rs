@@ -472,3 +472,23 @@ fn qwen3_f16_copy_loads_exactly() {
 fn qwen2_sharded_f16_copy_loads_exactly() {
     check_f16("qwen2");
 }
+
+/// safetensors writes through a private (0600) temporary file; exported weights must be as
+/// readable as the config beside them.
+#[cfg(unix)]
+#[test]
+fn exported_weights_are_readable_by_others() {
+    use std::os::unix::fs::PermissionsExt;
+    let device = Device::flex();
+    let model = load_checkpoint(&fixture("qwen3"), &device).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    export_hf(&model, dir.path(), StoreDtype::Bf16).unwrap();
+    let mode = |name: &str| {
+        std::fs::metadata(dir.path().join(name))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    assert_eq!(mode("model.safetensors"), 0o644);
+}

@@ -432,6 +432,7 @@ impl TeacherCache {
         ]);
         safetensors::tensor::serialize_to_file(views, Some(metadata), &topk)
             .map_err(|e| format_err(&topk, e.to_string()))?;
+        kd_qwen::make_shareable(&topk).map_err(io_err(&topk))?;
         let meta = Meta {
             format: CACHE_FORMAT.into(),
             version: CACHE_VERSION,
