@@ -290,8 +290,8 @@ pub fn run(args: DistillArgs) -> Result<()> {
                         args.resume,
                         Some(validation()),
                     )?;
-                    let teacher =
-                        finish_phase(&out, "teacher", inference_copy(&teacher), &summary)?;
+                    let teacher = inference_copy(&teacher);
+                    let teacher = finish_phase(&out, "teacher", teacher, &summary, &tokenizer)?;
                     (Some(teacher), Some(summary))
                 }
             }
@@ -319,7 +319,8 @@ pub fn run(args: DistillArgs) -> Result<()> {
                     args.resume,
                     Some(validation()),
                 )?;
-                let teacher = finish_phase(&out, "teacher", inference_copy(&teacher), &summary)?;
+                let teacher = inference_copy(&teacher);
+                let teacher = finish_phase(&out, "teacher", teacher, &summary, &tokenizer)?;
                 (Some(teacher), Some(summary))
             }
         },
@@ -434,7 +435,8 @@ pub fn run(args: DistillArgs) -> Result<()> {
                     args.resume,
                     Some(validation()),
                 )?;
-                let student = finish_phase(&out, name, inference_copy(&student), &summary)?;
+                let student = inference_copy(&student);
+                let student = finish_phase(&out, name, student, &summary, &tokenizer)?;
                 (student, summary)
             }
         };
@@ -799,11 +801,18 @@ fn combine_metrics(out: &Path, phases: &[&str]) -> Result<()> {
 }
 
 /// Saves a trained model to `checkpoints/<name>` and its summary beside its training records,
-/// which marks the phase as done for `--resume`.
+/// which marks the phase as done for `--resume`. The run's tokenizer files go beside the
+/// weights, so that the folder is complete for `kd export`, `kd eval` and `transformers`.
 ///
 /// A LoRA model's adapters are saved on their own (`checkpoints/<name>-lora`, PEFT layout) and
 /// merged into the weights of the checkpoint; the merged model is returned.
-fn finish_phase(out: &Path, name: &str, model: Qwen, summary: &TrainSummary) -> Result<Qwen> {
+fn finish_phase(
+    out: &Path,
+    name: &str,
+    model: Qwen,
+    summary: &TrainSummary,
+    tokenizer: &Path,
+) -> Result<Qwen> {
     let model = if has_lora(&model) {
         save_adapters(
             &model,
@@ -813,7 +822,9 @@ fn finish_phase(out: &Path, name: &str, model: Qwen, summary: &TrainSummary) -> 
     } else {
         model
     };
-    save_checkpoint(&model, &out.join("checkpoints").join(name))?;
+    let dir = out.join("checkpoints").join(name);
+    save_checkpoint(&model, &dir)?;
+    crate::model_cmd::copy_tokenizer(tokenizer, &dir)?;
     let path = out.join("train").join(name).join("summary.json");
     let tmp = path.with_extension("json.partial");
     std::fs::write(&tmp, serde_json::to_string_pretty(summary)?)

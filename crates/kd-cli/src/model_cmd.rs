@@ -209,7 +209,11 @@ const TOKENIZER_FILES: [&str; 6] = [
     "merges.txt",
 ];
 
-fn copy_tokenizer(source: &Path, out: &Path) -> Result<usize> {
+/// Copies the tokenizer files at `source` (a `tokenizer.json`, with the
+/// `tokenizer_config.json` beside it, or a folder holding the usual files) into `out`; returns
+/// how many were copied. The copies are ordinary writable files, whatever the source's
+/// permissions (a read-only mirror).
+pub(crate) fn copy_tokenizer(source: &Path, out: &Path) -> Result<usize> {
     let (dir, names): (&Path, Vec<&str>) = if source.is_dir() {
         (source, TOKENIZER_FILES.to_vec())
     } else {
@@ -224,8 +228,10 @@ fn copy_tokenizer(source: &Path, out: &Path) -> Result<usize> {
     for name in names {
         let from = dir.join(name);
         if from.is_file() {
-            std::fs::copy(&from, out.join(name))
-                .with_context(|| format!("copying {}", from.display()))?;
+            let bytes =
+                std::fs::read(&from).with_context(|| format!("reading {}", from.display()))?;
+            let to = out.join(name);
+            std::fs::write(&to, bytes).with_context(|| format!("writing {}", to.display()))?;
             copied += 1;
         }
     }

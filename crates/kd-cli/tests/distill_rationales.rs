@@ -82,6 +82,14 @@ fn rationales_train_a_third_student_and_contradictions_are_refused() {
         String::from_utf8_lossy(&run.stderr)
     );
 
+    // Every checkpoint carries the run's tokenizer, so the folder exports complete.
+    for phase in ["teacher", "kd_student", "baseline_student"] {
+        let dir = first.join("checkpoints").join(phase);
+        for file in ["tokenizer.json", "tokenizer_config.json"] {
+            assert!(dir.join(file).is_file(), "{phase}: no {file}");
+        }
+    }
+
     // The run lists its 200 student reviews (smoke: data.student_train_size = 200).
     let ids_text = std::fs::read_to_string(first.join("student_ids.txt")).unwrap();
     let ids: Vec<&str> = ids_text
