@@ -92,8 +92,15 @@ pub struct DistillArgs {
 }
 
 fn parse_steps(s: &str) -> Result<(usize, usize), String> {
-    let parse = |x: &str| x.trim().parse::<usize>().map_err(|e| format!("`{x}`: {e}"));
+    let parse = |x: &str| {
+        x.trim()
+            .parse::<usize>()
+            .map_err(|e| format!("`{x}`: {e} (expected TEACHER,STUDENT or one number)"))
+    };
     match s.split_once(',') {
+        Some((_, st)) if st.contains(',') => {
+            Err(format!("`{s}`: expected TEACHER,STUDENT or one number"))
+        }
         Some((t, st)) => Ok((parse(t)?, parse(st)?)),
         None => parse(s).map(|n| (n, n)),
     }
@@ -1059,6 +1066,16 @@ mod tests {
     use super::*;
 
     const TOL: f64 = 1e-12;
+
+    #[test]
+    fn steps_are_one_number_or_a_pair() {
+        assert_eq!(parse_steps("40"), Ok((40, 40)));
+        assert_eq!(parse_steps("40, 20"), Ok((40, 20)));
+        for bad in ["1,2,3", "x", "1,"] {
+            let err = parse_steps(bad).expect_err(bad);
+            assert!(err.contains("expected TEACHER,STUDENT"), "{bad}: {err}");
+        }
+    }
 
     #[test]
     #[allow(clippy::unwrap_used)] // a panic is the failure report

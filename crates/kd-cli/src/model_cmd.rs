@@ -110,23 +110,29 @@ pub fn inspect(args: InspectArgs) -> Result<()> {
     Ok(())
 }
 
+/// `1,2,3;4,5` → two sequences. Errors name the sequence and the position (both from 1).
 fn parse_ids(text: &str) -> Result<Vec<Vec<u32>>> {
-    let rows = text
-        .split(';')
-        .map(|row| {
+    text.split(';')
+        .enumerate()
+        .map(|(r, row)| {
+            if row.trim().is_empty() {
+                bail!("--ids `{text}`: sequence {} is empty", r + 1);
+            }
             row.split(',')
-                .map(|t| {
-                    t.trim()
-                        .parse::<u32>()
-                        .with_context(|| format!("bad token id `{t}`"))
+                .enumerate()
+                .map(|(i, t)| {
+                    t.trim().parse::<u32>().with_context(|| {
+                        format!(
+                            "--ids `{text}`: sequence {}, token {}: `{}` is not a token id",
+                            r + 1,
+                            i + 1,
+                            t.trim()
+                        )
+                    })
                 })
-                .collect::<Result<Vec<_>>>()
+                .collect()
         })
-        .collect::<Result<Vec<_>>>()?;
-    if rows.iter().any(Vec::is_empty) {
-        bail!("--ids: every sequence needs at least one token");
-    }
-    Ok(rows)
+        .collect()
 }
 
 /// Writes the logits of every position of a (padded) batch.
@@ -270,4 +276,40 @@ pub fn export(args: ExportArgs) -> Result<()> {
     };
     tracing::info!(out = %args.out.display(), tokenizer_files = copied, "exported");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_parse_and_errors_name_sequence_and_position() {
+        assert_eq!(
+            parse_ids("1, 2,3;4,5").ok(),
+            Some(vec![vec![1, 2, 3], vec![4, 5]])
+        );
+        let msg = |text: &str| {
+            format!(
+                "{:#}",
+                parse_ids(text)
+                    .err()
+                    .unwrap_or_else(|| anyhow::anyhow!("accepted"))
+            )
+        };
+        assert!(
+            msg("1,2;").contains("sequence 2 is empty"),
+            "{}",
+            msg("1,2;")
+        );
+        let bad = msg("1,2,;3");
+        assert!(
+            bad.contains("--ids") && bad.contains("sequence 1, token 3"),
+            "{bad}"
+        );
+        assert!(
+            msg("1;x").contains("sequence 2, token 1: `x`"),
+            "{}",
+            msg("1;x")
+        );
+    }
 }
