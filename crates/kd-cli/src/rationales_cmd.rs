@@ -86,7 +86,9 @@ pub struct RationalesArgs {
     /// Only the first N reviews of the split (in file order; after `--ids`).
     #[arg(long)]
     pub limit: Option<usize>,
-    /// Continue an existing output file, skipping the ids already in it.
+    /// Continue an existing output file, skipping the ids already in it. Refused when the
+    /// model, tokenizer, template or generation settings differ from those the file was
+    /// started with (recorded in `<out>.settings.json`).
     #[arg(long)]
     pub resume: bool,
     /// Stop strings, matched in the decoded text of each row (however the tokenizer split
@@ -161,12 +163,12 @@ pub fn run(args: RationalesArgs) -> Result<()> {
     if let Some(limit) = args.limit {
         reviews.truncate(limit);
     }
-    let template = match &args.template {
+    let template_text = match &args.template {
         Some(path) => std::fs::read_to_string(path)
             .with_context(|| format!("reading template {}", path.display()))?,
         None => DEFAULT_TEMPLATE.to_string(),
     };
-    let template = Template::new(template).context("prompt template")?;
+    let template = Template::new(template_text.clone()).context("prompt template")?;
     let tokenizer_path = match &args.tokenizer {
         Some(path) => path.clone(),
         None if args.model.join("tokenizer.json").is_file() => args.model.join("tokenizer.json"),
@@ -193,8 +195,11 @@ pub fn run(args: RationalesArgs) -> Result<()> {
         tokens.decode(ids).unwrap_or_default()
     });
 
-    // 2. Output: a fresh file, or the ids already done.
+    // 2. Output: a fresh file, or the ids already done by a run with the same settings.
+    let settings = settings_of(&args, &tokenizer_path, &template_text)?;
+    let settings_path = settings_path(&args.out);
     let (mut writer, done) = if args.resume {
+        check_settings(&settings_path, &settings)?;
         RationaleWriter::resume(&args.out)?
     } else {
         if args.out.exists() {
@@ -205,6 +210,12 @@ pub fn run(args: RationalesArgs) -> Result<()> {
         }
         (RationaleWriter::create(&args.out)?, HashSet::new())
     };
+    // Written whole, then renamed: a kill cannot leave it torn.
+    let tmp = settings_path.with_extension("json.partial");
+    std::fs::write(&tmp, serde_json::to_string_pretty(&settings)?)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, &settings_path)
+        .with_context(|| format!("writing {}", settings_path.display()))?;
 
     // 3. Prompts, bucketed by length over the whole split so every run batches alike.
     let mut jobs = Vec::with_capacity(reviews.len());
@@ -383,4 +394,94 @@ impl Tokens {
             .decode(ids, false)
             .map_err(|e| anyhow::anyhow!("decoding with {}: {e}", self.path.display()))
     }
+}
+
+/// Where the settings of the run that writes `out` are kept: `<out>.settings.json`.
+fn settings_path(out: &Path) -> PathBuf {
+    let mut name = out.file_name().unwrap_or_default().to_os_string();
+    name.push(".settings.json");
+    out.with_file_name(name)
+}
+
+/// Everything that decides what a row of the CSV holds, so that `--resume` can refuse to
+/// append rows made another way. The model is identified by its folder, its `config.json`
+/// and the names and sizes of its weight files (a full hash of a 3.5 GB model would cost
+/// seconds on every resume); the tokenizer and template by their sha256. Left out: which
+/// reviews are explained (`--input`, `--split`, `--ids`, `--limit`: a resumed run may cover
+/// more of them) and the batch size (batched output equals one-row-at-a-time output).
+fn settings_of(
+    args: &RationalesArgs,
+    tokenizer: &Path,
+    template: &str,
+) -> Result<serde_json::Value> {
+    let config = args.model.join("config.json");
+    let config_text =
+        std::fs::read(&config).with_context(|| format!("reading {}", config.display()))?;
+    let mut weights = Vec::new();
+    for entry in std::fs::read_dir(&args.model)
+        .with_context(|| format!("reading {}", args.model.display()))?
+    {
+        let entry = entry.with_context(|| format!("reading {}", args.model.display()))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.ends_with(".safetensors") {
+            weights.push(format!("{name} {} bytes", entry.metadata()?.len()));
+        }
+    }
+    weights.sort();
+    Ok(serde_json::json!({
+        "model": args.model.display().to_string(),
+        "model_config_sha256": sha256_hex(&config_text),
+        "model_weights": weights.join(", "),
+        "tokenizer_sha256": kd_train::cache::sha256_file(tokenizer)?,
+        "template_sha256": sha256_hex(template.as_bytes()),
+        "max_new_tokens": args.max_new_tokens,
+        "max_review_tokens": args.max_review_tokens,
+        "stop": args.stop,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "seed": args.seed,
+    }))
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Refuses to continue a CSV whose recorded settings differ from this run's, naming each
+/// difference. A CSV without a settings file (written before they existed) is continued
+/// with a warning.
+fn check_settings(path: &Path, now: &serde_json::Value) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        tracing::warn!(
+            settings = %path.display(),
+            "no settings recorded beside the CSV; resuming without checking them"
+        );
+        return Ok(());
+    };
+    let before: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("reading {}", path.display()))?;
+    let null = serde_json::Value::Null;
+    let differences: Vec<String> = now
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter_map(|(key, value)| {
+            let old = before.get(key).unwrap_or(&null);
+            (old != value).then(|| format!("{key}: {old} in the file, {value} now"))
+        })
+        .collect();
+    if !differences.is_empty() {
+        bail!(
+            "--resume: the rows in the CSV were made with other settings ({}): {}. Resume with \
+             the same ones, or write to another --out",
+            path.display(),
+            differences.join("; ")
+        );
+    }
+    Ok(())
 }

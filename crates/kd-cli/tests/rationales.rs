@@ -110,6 +110,24 @@ fn killed_and_resumed_run_equals_an_uninterrupted_one() {
 
     // 4. Without --resume an existing file is refused.
     assert!(!kd(&model, &input, &part).status().unwrap().success());
+
+    // 5. So is resuming with settings that change what a row holds; the message names them.
+    let other = kd(&model, &input, &part)
+        .args(["--resume", "--max-review-tokens", "500"])
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    assert!(!other.status.success());
+    let msg = String::from_utf8_lossy(&other.stderr);
+    assert!(
+        msg.contains("max_review_tokens: 1024 in the file, 500 now"),
+        "{msg}"
+    );
+    assert_eq!(
+        sorted(read_rationales(&part).unwrap()),
+        want,
+        "the CSV is untouched"
+    );
 }
 
 /// Every review once, with its label, and a finish reason the engine gives.
