@@ -103,6 +103,15 @@ pub fn inspect(args: InspectArgs) -> Result<()> {
     for (dtype, (tensors, elements)) in ckpt.dtypes() {
         report += &format!("  dtype {dtype}: {tensors} tensors, {elements} elements\n");
     }
+    if stored != c.num_params() {
+        // A tied head stored twice also lands here; loading names the tensor either way.
+        tracing::warn!(
+            config = c.num_params(),
+            stored,
+            "config.json and the weight files disagree on the parameter count; loading the \
+             checkpoint (e.g. `kd logits`) names the first tensor that does not fit"
+        );
+    }
     #[allow(clippy::print_stdout)] // the report is the command's output
     {
         print!("{report}");
