@@ -298,7 +298,8 @@ pub fn run(args: DistillArgs) -> Result<()> {
                         Some(validation()),
                     )?;
                     let teacher = inference_copy(&teacher);
-                    let teacher = finish_phase(&out, "teacher", teacher, &summary, &tokenizer)?;
+                    let teacher =
+                        finish_phase(&out, "teacher", teacher, &summary, &tokenizer, d.max_len)?;
                     (Some(teacher), Some(summary))
                 }
             }
@@ -327,7 +328,8 @@ pub fn run(args: DistillArgs) -> Result<()> {
                     Some(validation()),
                 )?;
                 let teacher = inference_copy(&teacher);
-                let teacher = finish_phase(&out, "teacher", teacher, &summary, &tokenizer)?;
+                let teacher =
+                    finish_phase(&out, "teacher", teacher, &summary, &tokenizer, d.max_len)?;
                 (Some(teacher), Some(summary))
             }
         },
@@ -443,7 +445,7 @@ pub fn run(args: DistillArgs) -> Result<()> {
                     Some(validation()),
                 )?;
                 let student = inference_copy(&student);
-                let student = finish_phase(&out, name, student, &summary, &tokenizer)?;
+                let student = finish_phase(&out, name, student, &summary, &tokenizer, d.max_len)?;
                 (student, summary)
             }
         };
@@ -819,6 +821,7 @@ fn finish_phase(
     model: Qwen,
     summary: &TrainSummary,
     tokenizer: &Path,
+    max_len: usize,
 ) -> Result<Qwen> {
     let model = if has_lora(&model) {
         save_adapters(
@@ -832,6 +835,10 @@ fn finish_phase(
     let dir = out.join("checkpoints").join(name);
     save_checkpoint(&model, &dir)?;
     crate::model_cmd::copy_tokenizer(tokenizer, &dir)?;
+    let trained = crate::eval_cmd::TrainedWith { max_len };
+    let path = dir.join(crate::eval_cmd::TRAINED_WITH_FILE);
+    std::fs::write(&path, serde_json::to_string_pretty(&trained)?)
+        .with_context(|| format!("writing {}", path.display()))?;
     let path = out.join("train").join(name).join("summary.json");
     let tmp = path.with_extension("json.partial");
     std::fs::write(&tmp, serde_json::to_string_pretty(summary)?)

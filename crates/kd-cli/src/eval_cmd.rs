@@ -30,9 +30,11 @@ pub struct EvalArgs {
     /// Evaluate a label-balanced sample of this many reviews (seed 17) instead of all.
     #[arg(long)]
     pub limit: Option<usize>,
-    /// Prompt length limit in tokens (reviews are cut head + tail to fit), as in training.
-    #[arg(long, default_value_t = 192)]
-    pub max_len: usize,
+    /// Prompt length limit in tokens (reviews are cut head + tail to fit). Default: the
+    /// length the model was trained at, from the `kd.json` a `kd distill` checkpoint holds,
+    /// else 192.
+    #[arg(long)]
+    pub max_len: Option<usize>,
     /// Prompts per forward pass (batches are formed from length-sorted prompts).
     #[arg(long, default_value_t = 32)]
     pub batch_size: usize,
@@ -52,9 +54,9 @@ pub struct PredictArgs {
     pub model: PathBuf,
     /// Reviews to classify; without any, one review per line is read from stdin.
     pub text: Vec<String>,
-    /// Prompt length limit in tokens.
-    #[arg(long, default_value_t = 192)]
-    pub max_len: usize,
+    /// Prompt length limit in tokens. Default: as for `kd eval`.
+    #[arg(long)]
+    pub max_len: Option<usize>,
     /// Compute device.
     #[arg(long, value_enum, default_value = "cpu")]
     pub device: DeviceChoice,
@@ -79,6 +81,34 @@ pub struct QuantizeArgs {
     /// Output folder (config.json, quant.json, model.quant.safetensors).
     #[arg(long)]
     pub out: PathBuf,
+}
+
+/// The prompt length a model folder was trained at, recorded by `kd distill` (`kd.json`).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub(crate) struct TrainedWith {
+    /// `data.max_len` of the run.
+    pub max_len: usize,
+}
+
+/// The file in a checkpoint folder that holds [`TrainedWith`].
+pub(crate) const TRAINED_WITH_FILE: &str = "kd.json";
+
+/// Prompt length when none is given and the folder records none (the `tiny` preset's).
+const DEFAULT_MAX_LEN: usize = 192;
+
+/// `--max-len` if given, else the folder's `kd.json`, else [`DEFAULT_MAX_LEN`].
+fn prompt_len(model: &Path, given: Option<usize>) -> Result<usize> {
+    if let Some(n) = given {
+        return Ok(n);
+    }
+    let path = model.join(TRAINED_WITH_FILE);
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return Ok(DEFAULT_MAX_LEN);
+    };
+    let trained: TrainedWith =
+        serde_json::from_str(&text).with_context(|| format!("reading {}", path.display()))?;
+    tracing::info!(max_len = trained.max_len, from = %path.display(), "prompt length");
+    Ok(trained.max_len)
 }
 
 fn tokenizer(max_len: usize) -> Result<PromptBuilder> {
@@ -127,7 +157,8 @@ pub fn eval(args: EvalArgs) -> Result<()> {
     if let Some(n) = args.limit.filter(|&n| n < reviews.len()) {
         reviews = balanced_sample(&reviews, n, LIMIT_SEED)?;
     }
-    let builder = tokenizer(args.max_len)?;
+    let max_len = prompt_len(&args.model, args.max_len)?;
+    let builder = tokenizer(max_len)?;
     let prompts = reviews
         .iter()
         .map(|r| builder.encode_review(r, false))
@@ -155,7 +186,7 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         let value = serde_json::json!({
             "model": args.model.display().to_string(),
             "data": path.display().to_string(),
-            "max_len": args.max_len,
+            "max_len": max_len,
             "summary": summary,
         });
         writeln!(out, "{}", serde_json::to_string_pretty(&value)?)?;
@@ -224,7 +255,8 @@ pub fn predict(args: PredictArgs) -> Result<()> {
     let device = args.device.device()?;
     let model = load_model(&args.model, &device)
         .with_context(|| format!("loading the model from {}", args.model.display()))?;
-    let builder = tokenizer(args.max_len)?;
+    let max_len = prompt_len(&args.model, args.max_len)?;
+    let builder = tokenizer(max_len)?;
     let prompts = texts
         .iter()
         .map(|t| builder.encode(&clean_review(t), None))
@@ -258,6 +290,12 @@ pub fn quantize(args: QuantizeArgs) -> Result<()> {
         embeddings: args.embeddings,
     };
     let report = quantize_checkpoint(&args.model, &args.out, &spec, &device)?;
+    // The quantized copy is evaluated at the length the original was trained at.
+    let trained = args.model.join(TRAINED_WITH_FILE);
+    if trained.is_file() {
+        let to = args.out.join(TRAINED_WITH_FILE);
+        std::fs::copy(&trained, &to).with_context(|| format!("writing {}", to.display()))?;
+    }
     tracing::info!(
         out = %args.out.display(),
         tensors = report.quantized_tensors,
@@ -273,6 +311,18 @@ pub fn quantize(args: QuantizeArgs) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn prompt_length_comes_from_the_flag_then_the_checkpoint_then_the_default() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert_eq!(prompt_len(dir.path(), None).ok(), Some(DEFAULT_MAX_LEN));
+        std::fs::write(dir.path().join(TRAINED_WITH_FILE), r#"{"max_len": 96}"#).expect("write");
+        assert_eq!(prompt_len(dir.path(), None).ok(), Some(96));
+        assert_eq!(prompt_len(dir.path(), Some(300)).ok(), Some(300));
+        std::fs::write(dir.path().join(TRAINED_WITH_FILE), "{").expect("write");
+        let err = prompt_len(dir.path(), None).expect_err("torn kd.json");
+        assert!(format!("{err:#}").contains("kd.json"), "{err:#}");
+    }
 
     #[test]
     fn an_empty_review_file_is_an_error_naming_it() {

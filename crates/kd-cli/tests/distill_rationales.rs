@@ -88,6 +88,10 @@ fn rationales_train_a_third_student_and_contradictions_are_refused() {
         for file in ["tokenizer.json", "tokenizer_config.json"] {
             assert!(dir.join(file).is_file(), "{phase}: no {file}");
         }
+        // ... and the prompt length it was trained at, for `kd eval` (smoke: max_len = 96).
+        let kd_json = std::fs::read_to_string(dir.join("kd.json")).unwrap();
+        let kd_json: serde_json::Value = serde_json::from_str(&kd_json).unwrap();
+        assert_eq!(kd_json["max_len"], 96, "{phase}");
     }
 
     // The run lists its 200 student reviews (smoke: data.student_train_size = 200).
