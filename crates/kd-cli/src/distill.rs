@@ -1,6 +1,5 @@
 //! `kd distill`: data → teacher → KD student and baseline student → evaluation → report.
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -901,41 +900,16 @@ fn check_run_folder(out: &Path, config: &str, resume: bool) -> Result<()> {
     Ok(())
 }
 
-/// The settings (dotted keys such as `data.test_size`) whose values differ between two
-/// preset TOML texts, as `key: OLD in the folder, NEW now`.
+/// [`crate::settings::differences`] between two preset TOML texts.
 fn settings_differences(before: &str, now: &str) -> Result<Vec<String>> {
-    fn flatten(prefix: &str, value: &toml::Value, out: &mut BTreeMap<String, String>) {
-        match value {
-            toml::Value::Table(table) => {
-                for (key, value) in table {
-                    let key = if prefix.is_empty() {
-                        key.clone()
-                    } else {
-                        format!("{prefix}.{key}")
-                    };
-                    flatten(&key, value, out);
-                }
-            }
-            other => {
-                out.insert(prefix.to_owned(), other.to_string());
-            }
-        }
-    }
-    let (mut old, mut new) = (BTreeMap::new(), BTreeMap::new());
-    flatten("", &toml::from_str(before)?, &mut old);
-    flatten("", &toml::from_str(now)?, &mut new);
-    let keys: BTreeSet<&String> = old.keys().chain(new.keys()).collect();
-    let unset = "unset".to_owned();
-    Ok(keys
-        .into_iter()
-        .filter_map(|key| {
-            let (a, b) = (
-                old.get(key).unwrap_or(&unset),
-                new.get(key).unwrap_or(&unset),
-            );
-            (a != b).then(|| format!("{key}: {a} in the folder, {b} now"))
-        })
-        .collect())
+    let json = |text: &str| -> Result<serde_json::Value> {
+        Ok(serde_json::to_value(toml::from_str::<toml::Value>(text)?)?)
+    };
+    Ok(crate::settings::differences(
+        &json(before)?,
+        &json(now)?,
+        "folder",
+    ))
 }
 
 /// The model and summary of a phase an earlier run of this folder finished.

@@ -11,6 +11,7 @@ mod eval_cmd;
 mod model_cmd;
 mod preset;
 mod rationales_cmd;
+mod settings;
 
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;

@@ -415,8 +415,6 @@ fn settings_of(
     template: &str,
 ) -> Result<serde_json::Value> {
     let config = args.model.join("config.json");
-    let config_text =
-        std::fs::read(&config).with_context(|| format!("reading {}", config.display()))?;
     let mut weights = Vec::new();
     for entry in std::fs::read_dir(&args.model)
         .with_context(|| format!("reading {}", args.model.display()))?
@@ -430,10 +428,10 @@ fn settings_of(
     weights.sort();
     Ok(serde_json::json!({
         "model": args.model.display().to_string(),
-        "model_config_sha256": sha256_hex(&config_text),
+        "model_config_sha256": kd_train::cache::sha256_file(&config)?,
         "model_weights": weights.join(", "),
         "tokenizer_sha256": kd_train::cache::sha256_file(tokenizer)?,
-        "template_sha256": sha256_hex(template.as_bytes()),
+        "template_sha256": kd_train::cache::sha256_bytes(template.as_bytes()),
         "max_new_tokens": args.max_new_tokens,
         "max_review_tokens": args.max_review_tokens,
         "stop": args.stop,
@@ -442,14 +440,6 @@ fn settings_of(
         "top_p": args.top_p,
         "seed": args.seed,
     }))
-}
-
-fn sha256_hex(bytes: &[u8]) -> String {
-    use sha2::Digest;
-    sha2::Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
 
 /// Refuses to continue a CSV whose recorded settings differ from this run's, naming each
@@ -465,16 +455,7 @@ fn check_settings(path: &Path, now: &serde_json::Value) -> Result<()> {
     };
     let before: serde_json::Value =
         serde_json::from_str(&text).with_context(|| format!("reading {}", path.display()))?;
-    let null = serde_json::Value::Null;
-    let differences: Vec<String> = now
-        .as_object()
-        .into_iter()
-        .flatten()
-        .filter_map(|(key, value)| {
-            let old = before.get(key).unwrap_or(&null);
-            (old != value).then(|| format!("{key}: {old} in the file, {value} now"))
-        })
-        .collect();
+    let differences = crate::settings::differences(&before, now, "file");
     if !differences.is_empty() {
         bail!(
             "--resume: the rows in the CSV were made with other settings ({}): {}. Resume with \

@@ -735,7 +735,16 @@ fn hash_into(hasher: &mut Sha256, path: &Path) -> Result<(), CacheError> {
     }
 }
 
-/// sha256 of a file's bytes, in hex.
+/// sha256 of `bytes`, as lowercase hex.
+pub fn sha256_bytes(bytes: &[u8]) -> String {
+    hex(&Sha256::digest(bytes))
+}
+
+/// sha256 of a file, as lowercase hex.
+///
+/// # Errors
+///
+/// The file could not be read.
 pub fn sha256_file(path: &Path) -> Result<String, CacheError> {
     let mut hasher = Sha256::new();
     hash_into(&mut hasher, path)?;

@@ -21,7 +21,7 @@ use std::path::PathBuf;
 pub use batch::{StepBatch, supervised_positions};
 pub use cache::{
     AlignedCache, BuildOptions, CacheError, Fingerprint, TeacherCache, checkpoint_sha256,
-    sha256_file, template_sha256,
+    sha256_bytes, sha256_file, template_sha256,
 };
 pub use optim::Optimizer;
 pub use schedule::WarmupCosine;
